@@ -1,0 +1,248 @@
+"""Synthetic image-caption shards whose captions truly describe their images.
+
+Each image holds one to three coloured shapes of two sizes on a plain or
+gradient background; every caption is generated from that scene graph, so a
+model that learns colour, shape, size and position words can be measured
+(ITM accuracy, retrieval) far above chance. Output follows the WebDataset
+layout that the DALI reader expects: ``000000.tar`` holding ``key.jpg`` and
+``key.json`` per sample, plus ``manifest.json``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from soho_ds.data.shards import index_shards
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 0.20, "large": 0.38}  # side of the shape's box as a fraction of the image
+BACKGROUNDS = {
+    "white": (235, 235, 235),
+    "grey": (128, 128, 128),
+    "black": (25, 25, 25),
+    "beige": (225, 205, 170),
+}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, exclusive end
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def phrase(self, with_size: bool = True) -> str:
+        words = " ".join(([self.size] if with_size else []) + [self.colour, self.shape])
+        return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _place(rng: random.Random, side: int, image_size: int, taken: list[tuple]) -> tuple | None:
+    """Random box of the given side that overlaps no box in `taken` (with a margin)."""
+    margin = max(2, image_size // 32)
+    for _ in range(100):
+        x0 = rng.randint(margin, image_size - side - margin)
+        y0 = rng.randint(margin, image_size - side - margin)
+        box = (x0, y0, x0 + side, y0 + side)
+        if all(box[2] + margin <= t[0] or t[2] + margin <= box[0] or
+               box[3] + margin <= t[1] or t[3] + margin <= box[1] for t in taken):
+            return box
+    return None
+
+
+def sample_scene(rng: random.Random, image_size: int) -> tuple[str, list[ShapeObject]]:
+    """A background name and 1-3 non-overlapping shapes with distinct (colour, shape)."""
+    background = rng.choice(sorted(BACKGROUNDS))
+    count = rng.choice((1, 2, 2, 3))
+    objects: list[ShapeObject] = []
+    used = set()
+    for _ in range(count):
+        size = rng.choice(sorted(SIZES))
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        if (colour, shape) in used:
+            continue
+        box = _place(rng, int(SIZES[size] * image_size), image_size, [o.box for o in objects])
+        if box is None:
+            continue
+        used.add((colour, shape))
+        objects.append(ShapeObject(shape, colour, size, box))
+    return background, objects
+
+
+def render(background: str, objects: list[ShapeObject], image_size: int, rng: random.Random) -> Image.Image:
+    base = BACKGROUNDS[background]
+    img = Image.new("RGB", (image_size, image_size), base)
+    draw = ImageDraw.Draw(img)
+    # A faint vertical gradient plus speckle so the background is not a constant.
+    shade = rng.uniform(-25, 25)
+    for y in range(image_size):
+        t = shade * (y / image_size - 0.5)
+        draw.line([(0, y), (image_size, y)], fill=tuple(int(min(255, max(0, c + t))) for c in base))
+    for _ in range(image_size):
+        x, y = rng.randrange(image_size), rng.randrange(image_size)
+        v = rng.randint(-30, 30)
+        draw.point((x, y), fill=tuple(int(min(255, max(0, c + v))) for c in base))
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        else:  # diamond
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=fill)
+    return img
+
+
+def _region(obj: ShapeObject, image_size: int) -> str:
+    cx, cy = obj.centre
+    third = image_size / 3
+    row = ("top", "middle", "bottom")[min(2, int(cy // third))]
+    col = ("left", "centre", "right")[min(2, int(cx // third))]
+    if row == "middle" and col == "centre":
+        return "in the centre"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "centre":
+        return f"at the {row}"
+    return f"in the {row} {col}"
+
+
+def _relation(a: ShapeObject, b: ShapeObject) -> str:
+    """Where `a` is relative to `b`, by the larger of the two centre offsets."""
+    dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def captions_for(background: str, objects: list[ShapeObject], image_size: int) -> list[str]:
+    """Five true captions of different kinds (attributes, relations, count, background)."""
+    first = objects[0]
+    caps = [f"{first.phrase()} {_region(first, image_size)}"]
+    if len(objects) >= 2:
+        a, b = objects[0], objects[1]
+        caps.append(f"{a.phrase()} {_relation(a, b)} {b.phrase()}")
+        caps.append(" and ".join(o.phrase(with_size=False) for o in objects) + f" on a {background} background")
+    else:
+        caps.append(f"{first.phrase(with_size=False)} on a {background} background")
+        caps.append(f"a single {first.colour} {first.shape}")
+    caps.append(f"{NUMBER_WORDS[len(objects)]} shape{'s' if len(objects) > 1 else ''}: "
+                + ", ".join(o.phrase() for o in objects))
+    last = objects[-1]
+    caps.append(f"there is {last.phrase()} {_region(last, image_size)}")
+    return caps
+
+
+def _jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic archives
+    tar.addfile(info, io.BytesIO(data))
+
+
+MALFORMED_KINDS = ("truncated_jpeg", "bad_json", "missing_jpeg")
+
+
+def write_split(out_dir: Path, num_images: int, samples_per_shard: int, image_size: int,
+                seed: int, key_prefix: str, malformed: int = 0) -> dict:
+    """Writes one split's shards and returns its manifest entry.
+
+    `malformed` extra samples of the kinds in MALFORMED_KINDS (cycled) are mixed into the
+    shards; their keys are listed in the manifest so tests can check they are caught.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    bad_at = set(rng.sample(range(num_images + malformed), malformed)) if malformed else set()
+    shards, bad_keys = [], []
+    total = num_images + malformed
+    tar = None
+    n_good = n_in_shard = 0
+    for i in range(total):
+        if tar is None or n_in_shard == samples_per_shard:
+            if tar is not None:
+                tar.close()
+                shards[-1]["num_samples"] = n_in_shard
+            name = f"{len(shards):06d}.tar"
+            tar = tarfile.open(out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+            shards.append({"name": name, "num_samples": 0})
+            n_in_shard = 0
+        key = f"{key_prefix}{i:07d}"
+        background, objects = sample_scene(rng, image_size)
+        img = render(background, objects, image_size, rng)
+        meta = {
+            "key": key,
+            "captions": captions_for(background, objects, image_size),
+            "background": background,
+            "width": image_size,
+            "height": image_size,
+            "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": list(o.box)}
+                        for o in objects],
+        }
+        jpeg, js = _jpeg_bytes(img), json.dumps(meta).encode()
+        if i in bad_at:
+            kind = MALFORMED_KINDS[len(bad_keys) % len(MALFORMED_KINDS)]
+            bad_keys.append({"key": key, "kind": kind, "shard": shards[-1]["name"]})
+            if kind == "truncated_jpeg":
+                jpeg = jpeg[: len(jpeg) // 3]
+            elif kind == "bad_json":
+                js = js[: len(js) // 2]
+            else:
+                jpeg = b""
+        else:
+            n_good += 1
+        if jpeg:
+            _add(tar, f"{key}.jpg", jpeg)
+        _add(tar, f"{key}.json", js)
+        n_in_shard += 1
+    tar.close()
+    shards[-1]["num_samples"] = n_in_shard
+    index_shards(str(out_dir))
+    return {"num_samples": total, "num_good": n_good, "shards": shards, "malformed": bad_keys}
+
+
+def make_dataset(out: str | Path, num_train: int = 2000, num_val: int = 200, samples_per_shard: int = 250,
+                 image_size: int = 128, seed: int = 0, malformed: int = 0) -> dict:
+    """Writes ``out/train`` and ``out/val`` shard folders and ``out/manifest.json``."""
+    out = Path(out)
+    manifest = {
+        "seed": seed,
+        "image_size": image_size,
+        "vocabulary": {"colours": sorted(COLOURS), "shapes": list(SHAPES), "sizes": sorted(SIZES),
+                       "backgrounds": sorted(BACKGROUNDS)},
+        "splits": {
+            "train": write_split(out / "train", num_train, samples_per_shard, image_size, seed, "tr", malformed),
+            "val": write_split(out / "val", num_val, samples_per_shard, image_size, seed + 1, "va"),
+        },
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

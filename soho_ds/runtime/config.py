@@ -40,6 +40,8 @@ class ModelConfig:
     max_position: int = 512
     vd_size: int = 2048  # K
     vd_momentum: float = 0.99  # gamma of the EMA
+    vd_init_from_data: bool = True  # entries start as features of the first batch
+    vd_restart_below: float = 0.01  # re-seed entries used less than this fraction of the average; 0: never
     use_vd: bool = True
 
 
@@ -168,6 +170,7 @@ def _validate(cfg: RunConfig) -> None:
         (m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads"),
         (m.vd_size >= 2, "model.vd_size", "must be at least 2"),
         (0.0 <= m.vd_momentum < 1.0, "model.vd_momentum", "must be in [0, 1)"),
+        (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
         (d.image_size % 32 == 0, "data.image_size", "must be a multiple of 32 (the CNN stride)"),
         (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be 0 < min <= max <= 1"),
         (0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", "must be in [0, 1]"),

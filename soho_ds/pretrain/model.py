@@ -1,0 +1,67 @@
+"""The pretraining module: SohoModel + MLM, MVM and ITM heads, returning a weighted loss.
+
+`forward(batch)` is what the DeepSpeed engine calls; it returns the total loss under "loss"
+and every term and accuracy under `group/name` keys for logging.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from soho_ds.models.heads import ITMHead, MLMHead, MVMHead
+from soho_ds.models.soho import SohoModel
+from soho_ds.pretrain.objectives import IGNORE, classification_loss, gather_masked, sample_mvm_mask
+from soho_ds.runtime.config import ModelConfig, PretrainConfig
+
+
+class SohoPretrainer(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, cfg: PretrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = SohoModel(model_cfg)
+        config = self.model.fusion.config
+        self.mlm_head = MLMHead(config, self.model.fusion.word_embeddings)
+        self.itm_head = ITMHead(config.hidden_size)
+        self.mvm_head = MVMHead(config, cfg.mvm_temperature) if model_cfg.use_vd and cfg.mvm_weight > 0 else None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        images, input_ids, image_index = batch["images"], batch["input_ids"], batch["image_index"]
+        tokens, vd_index, grid = self.model.image_tokens(images)  # once per image
+        matched = batch["itm_labels"] == 1
+        mvm_mask = None
+        if self.mvm_head is not None:
+            mvm_mask = sample_mvm_mask(vd_index, cfg.mvm_prob) if self.training else torch.zeros_like(vd_index,
+                                                                                                     dtype=torch.bool)
+        sequence, pooled = self.model.fuse(input_ids, batch["attention_mask"], tokens, grid, image_index, mvm_mask)
+        L = input_ids.shape[1]
+
+        out: dict[str, torch.Tensor] = {}
+        itm_logits = self.itm_head(pooled)
+        out["loss/itm"], out["acc/itm"] = classification_loss(itm_logits, batch["itm_labels"])
+
+        labels = batch["mlm_labels"]
+        hidden, any_masked = gather_masked(sequence[:, :L], labels != IGNORE)
+        mlm_logits = self.mlm_head(hidden)
+        if any_masked:
+            out["loss/mlm"], out["acc/mlm"] = classification_loss(mlm_logits, labels[labels != IGNORE])
+        else:
+            out["loss/mlm"], out["acc/mlm"] = mlm_logits.sum() * 0.0, mlm_logits.new_zeros(())
+
+        total = cfg.itm_weight * out["loss/itm"] + cfg.mlm_weight * out["loss/mlm"]
+        if self.mvm_head is not None:
+            # MVM is scored on matched pairs only: the caption of another image cannot help.
+            pair_mask = mvm_mask.index_select(0, image_index) & matched[:, None]  # (T, N)
+            hidden, any_masked = gather_masked(sequence[:, L:], pair_mask)
+            mvm_logits = self.mvm_head(hidden, self.model.visual_dictionary.embed)
+            if any_masked:
+                targets = vd_index.index_select(0, image_index)[pair_mask]
+                out["loss/mvm"], out["acc/mvm"] = classification_loss(mvm_logits, targets)
+            else:
+                out["loss/mvm"], out["acc/mvm"] = mvm_logits.sum() * 0.0, mvm_logits.new_zeros(())
+            total = total + cfg.mvm_weight * out["loss/mvm"]
+            out["vd/usage"] = self.model.visual_dictionary.usage.clone()
+            out["vd/masked_frac"] = mvm_mask.float().mean()
+            out["vd/restarts"] = self.model.visual_dictionary.restarts.float()
+        out["loss"] = total
+        return out

@@ -1,0 +1,38 @@
+"""SOHO's pretraining objectives as plain functions: tensors in, loss (and accuracy) out."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and accuracy over the rows whose label is not IGNORE."""
+    valid = labels != IGNORE
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    acc = (logits.argmax(-1)[valid] == labels[valid]).float().mean() if valid.any() else logits.new_zeros(())
+    return loss, acc
+
+
+def sample_mvm_mask(vd_index: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masked visual modelling (SOHO Sec. 3.3): in each chosen image, pick one grid cell and mask
+    every cell that shares its VD index, so a whole "visual word" is hidden at once.
+
+    vd_index (B, N) -> mask (B, N) bool; each image is chosen with probability `prob`.
+    """
+    B, N = vd_index.shape
+    device = vd_index.device
+    chosen = torch.rand(B, generator=generator, device=device) < prob
+    cell = torch.randint(N, (B, 1), generator=generator, device=device)
+    word = vd_index.gather(1, cell)  # (B, 1) index of the picked cell
+    return (vd_index == word) & chosen[:, None]
+
+
+def gather_masked(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Rows of hidden (..., H) where mask is set. With none, returns the first row and False so the
+    head still runs (every parameter gets a gradient, which ZeRO's reduction expects)."""
+    flat, flat_mask = hidden.reshape(-1, hidden.shape[-1]), mask.reshape(-1)
+    if flat_mask.any():
+        return flat[flat_mask], True
+    return flat[:1], False

@@ -1,0 +1,44 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from soho_ds.runtime.config import ModelConfig  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """The smallest SOHO that exercises every part: ResNet-18, 2 BERT layers, K=32."""
+    values = dict(backbone="resnet18", pool_last=False, hidden_size=64, num_layers=2, num_heads=2,
+                  intermediate_size=128, vd_size=32, dropout=0.0)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """120 train images in 3 shards (+3 malformed samples), 40 val images in 1 shard, 64 px."""
+    from soho_ds.data.synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    make_dataset(out, num_train=120, num_val=40, samples_per_shard=41, image_size=64, seed=3, malformed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from soho_ds.data.text import load_tokenizer
+
+    return load_tokenizer()

@@ -1,0 +1,137 @@
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_port, tiny_model_config
+from soho_ds.models.visual_dictionary import VisualDictionary
+
+
+def hand_vd(momentum=0.5):
+    vd = VisualDictionary(num_entries=3, dim=2, momentum=momentum, eps=1e-5, init_from_data=False,
+                          restart_below=0.0)
+    vd.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    vd.ema_sum.copy_(vd.embed)
+    return vd.train()
+
+
+X = torch.tensor([[0.1, 0.1], [0.9, 0.2], [1.1, -0.1], [0.2, 0.8]])
+
+
+def test_vd_assignment_and_ema_update_match_hand_computation():
+    vd = hand_vd()
+    q, index = vd(X)
+    # Squared distances by hand: x0 nearest e0 (0.02), x1 e1 (0.05), x2 e1 (0.02), x3 e2 (0.08).
+    assert index.tolist() == [0, 1, 1, 2]
+    # Output is the entry before the update.
+    assert torch.equal(q, torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    # counts c = [1, 2, 1]; n = 0.5*1 + 0.5*c = [1, 1.5, 1]
+    assert torch.allclose(vd.ema_count, torch.tensor([1.0, 1.5, 1.0]))
+    # sums s = [[.1,.1],[2.0,.1],[.2,.8]]; m = 0.5*e + 0.5*s
+    m = torch.tensor([[0.05, 0.05], [1.5, 0.05], [0.1, 0.9]])
+    assert torch.allclose(vd.ema_sum, m)
+    # Laplace smoothing: n~ = (n + eps) / (sum n + K eps) * sum n, e = m / n~
+    n, eps, total = torch.tensor([1.0, 1.5, 1.0]), 1e-5, 3.5
+    smoothed = (n + eps) / (total + 3 * eps) * total
+    expected = m / smoothed[:, None]
+    assert torch.allclose(vd.embed, expected, atol=1e-7)
+    assert torch.allclose(vd.embed, torch.tensor([[0.05, 0.05], [1.0, 1 / 30], [0.1, 0.9]]), atol=1e-4)
+    assert vd.usage.item() == pytest.approx(1.0)
+
+
+def test_vd_unused_entry_keeps_its_vector_and_eval_does_not_update():
+    vd = hand_vd()
+    vd(X[:3])  # nothing chooses entry 2
+    assert torch.equal(vd.embed[2], torch.tensor([0.0, 1.0]))
+    assert vd.usage.item() == pytest.approx(2 / 3)
+    before = vd.embed.clone()
+    vd.eval()
+    vd(X)
+    assert torch.equal(vd.embed, before)
+
+
+def test_vd_straight_through_gradient_is_identity():
+    vd = hand_vd()
+    x = X.clone().requires_grad_(True)
+    q, _ = vd(x)
+    (q * torch.arange(8.0).view(4, 2)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(8.0).view(4, 2))
+
+
+def test_vd_gradient_reaches_the_cnn():
+    from soho_ds.models.soho import SohoModel
+
+    torch.manual_seed(0)
+    model = SohoModel(tiny_model_config()).train()
+    tokens, index, grid = model.image_tokens(torch.randn(2, 3, 64, 64))
+    ids = torch.randint(1000, 2000, (2, 6))
+    seq, pooled = model.fuse(ids, torch.ones_like(ids), tokens, grid)
+    pooled.sum().backward()
+    grad = model.backbone.layer4[-1].conv2.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.backbone.stem[0].weight.grad is None  # frozen stem
+
+
+def test_vd_initialises_from_data_and_restarts_dead_entries():
+    x = torch.tensor([[5.0, 5.0], [5.0, 5.1], [-5.0, 0.0], [0.0, -5.0]])
+    torch.manual_seed(0)
+    vd = VisualDictionary(num_entries=4, dim=2, momentum=0.99).train()
+    vd(x)
+    # Entries start as features of that batch; with momentum 0.99 one EMA step barely moves them.
+    assert bool(vd.initialised)
+    assert all(any(torch.allclose(e, row, atol=0.1) for row in x) for e in vd.embed)
+
+    torch.manual_seed(0)
+    vd = VisualDictionary(num_entries=4, dim=2, momentum=0.5, restart_below=0.2).train()
+    vd(x)
+    # Feed one cluster only: the other entries decay below 0.2 of the mean count and are
+    # re-seeded from the current features.
+    for _ in range(6):
+        vd(x[:2])
+    assert vd.restarts.item() > 0
+    assert all(any(torch.allclose(e, row, atol=0.11) for row in x[:2]) for e in vd.embed)
+
+
+def _vd_worker(rank, world, port, batches, kwargs, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # identical initial table on every rank
+    vd = VisualDictionary(**kwargs).train()
+    torch.manual_seed(100 + rank)  # but different per-rank randomness afterwards
+    for step_batches in batches:
+        vd(step_batches[rank])
+    out[rank] = {k: v.clone() for k, v in vd.state_dict().items()}
+    dist.destroy_process_group()
+
+
+def _run_two_ranks(batches, kwargs):
+    out = mp.Manager().dict()
+    mp.spawn(_vd_worker, args=(2, free_port(), batches, kwargs, out), nprocs=2, join=True)
+    return out[0], out[1]
+
+
+@pytest.mark.slow
+def test_vd_two_ranks_identical_and_equal_to_one_rank_with_both_batches():
+    g = torch.Generator().manual_seed(1)
+    steps = [[torch.randn(30, 8, generator=g) + i, torch.randn(50, 8, generator=g) - i] for i in range(4)]
+    kwargs = dict(num_entries=16, dim=8, momentum=0.9, init_from_data=False, restart_below=0.0)
+    rank0, rank1 = _run_two_ranks(steps, kwargs)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k  # bit-identical across ranks
+    torch.manual_seed(0)
+    single = VisualDictionary(**kwargs).train()
+    for a, b in steps:
+        single(torch.cat([a, b]))
+    for k, v in single.state_dict().items():
+        assert torch.allclose(rank0[k], v, rtol=1e-6, atol=1e-6), k  # sums differ only in addition order
+
+
+@pytest.mark.slow
+def test_vd_ranks_stay_identical_with_data_init_and_restarts():
+    g = torch.Generator().manual_seed(2)
+    # Rank 1 sees only one cluster, so entries die and are re-seeded from gathered features.
+    steps = [[torch.randn(20, 4, generator=g) * 3, torch.randn(20, 4, generator=g) * 0.01 + 7] for _ in range(8)]
+    kwargs = dict(num_entries=12, dim=4, momentum=0.5, init_from_data=True, restart_below=0.3)
+    rank0, rank1 = _run_two_ranks(steps, kwargs)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    assert bool(rank0["initialised"])

@@ -1,0 +1,100 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from soho_ds.runtime.config import ConfigError, check_batch_arithmetic, load_config, load_ds_config
+from soho_ds.runtime.engine import lr_factor, param_groups, resolve_precision
+from soho_ds.runtime.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load(synthetic_data):
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        overrides = []
+        if "synthetic" in path.name:
+            overrides = [f"data.train_shards={synthetic_data}/train", f"data.val_shards={synthetic_data}/val"]
+        else:
+            overrides = [f"data.train_shards={synthetic_data}/train"]
+        cfg = load_config(path, overrides)
+        assert cfg.source == str(path)
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        assert load_ds_config(path)["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  backbone: resnet18\n  hiden_size: 64\n", r"run.yaml: model: unknown key\(s\) \['hiden_size'\]"),
+    ("model:\n  num_layers: two\n", r"run.yaml: model.num_layers: expected int, got str"),
+    ("model:\n  backbone: resnet19\n", r"run.yaml: model.backbone must be one of"),
+    ("data:\n  crop_scale: [0.5]\n", r"run.yaml: data.crop_scale: expected a list of 2 values"),
+    ("data:\n  image_size: 100\n", r"run.yaml: data.image_size must be a multiple of 32"),
+    ("train:\n  warmup_steps: 50\n  max_steps: 10\n", r"run.yaml: train.warmup_steps must be in"),
+    ("data:\n  train_shards: /nonexistent/shards\n", r"run.yaml: data.train_shards matches no .tar file"),
+    ("model:\n  bert_dir: /nonexistent/bert\n", r"run.yaml: model.bert_dir path does not exist"),
+    ("model: [1, 2\n", r"run.yaml: not valid YAML"),
+    ("optimizer:\n  lr: 1\n", r"run.yaml: top level: unknown key\(s\) \['optimizer'\]"),
+])
+def test_broken_config_is_refused_naming_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_pass_through_the_same_validation(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: 10\n  warmup_steps: 1\n")
+    assert load_config(path, ["train.lr=2e-4", "model.num_layers=3"]).train.lr == 2e-4
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        load_config(path, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path, ["train.lrr=1e-4"])
+
+
+def test_deepspeed_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
+        load_ds_config(write(tmp_path, "{broken", "ds.json"))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is required"):
+        load_ds_config(write(tmp_path, json.dumps({"train_batch_size": 8}), "ds.json"))
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16}
+    assert check_batch_arithmetic(ds, 2, "ds.json") == 16
+    with pytest.raises(ConfigError, match=r"ds.json: train_batch_size 16 != .* = 24"):
+        check_batch_arithmetic(ds, 3, "ds.json")
+
+
+def test_precision_resolution():
+    fp16 = {"fp16": {"enabled": True}}
+    gpu = resolve_precision(fp16, "cuda")
+    assert gpu["fp16"]["enabled"] and not gpu["bf16"]["enabled"] and gpu["data_types"]["buffer_dtype"] == "fp16"
+    cpu = resolve_precision(fp16, "cpu")
+    assert not cpu["fp16"]["enabled"]  # never fp16 on the CPU: bf16 or fp32 by the CPU's instructions
+    forced = resolve_precision(fp16, "cpu", "bf16")
+    assert forced["bf16"]["enabled"] and forced["data_types"]["buffer_dtype"] == "bf16"
+    fp32 = resolve_precision(fp16, "cuda", "fp32")
+    assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"] and "buffer_dtype" not in fp32["data_types"]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr_decay="linear")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.5)
+    assert lr_factor(100, cfg) == pytest.approx(0.0)
+    cos = TrainConfig(max_steps=100, warmup_steps=0, lr_decay="cosine")
+    assert lr_factor(50, cos) == pytest.approx(0.5)
+
+
+def test_param_groups_give_the_cnn_its_multiplier_and_skip_decay_on_norms():
+    from conftest import tiny_model_config
+    from soho_ds.models.soho import SohoModel
+
+    model = SohoModel(tiny_model_config())
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0))}
+    assert groups["cnn"]["lr"] == pytest.approx(1e-3) and groups["transformer"]["lr"] == pytest.approx(1e-4)
+    assert groups["transformer_no_decay"]["weight_decay"] == 0.0
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups.values()) == n_trainable

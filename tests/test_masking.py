@@ -1,0 +1,72 @@
+import torch
+
+from soho_ds.data.text import IGNORE, PretrainTextBuilder
+from soho_ds.pretrain.objectives import sample_mvm_mask
+
+CAPTIONS = [[f"a small {c} circle above a large {d} square on a grey background" for d in ("red", "blue")]
+            for c in ("green", "yellow", "purple", "orange", "blue", "red", "white", "black")]
+
+
+def build(tokenizer, **kw):
+    args = dict(max_len=20, captions_per_image=4, mlm_prob=0.15, itm_neg_prob=0.5, seed=0)
+    args.update(kw)
+    return PretrainTextBuilder(tokenizer, **args)
+
+
+def test_mlm_masking_rates_follow_80_10_10(tokenizer):
+    builder = build(tokenizer, itm_neg_prob=0.0)
+    masked = maskable = as_mask = as_random = kept = 0
+    for _ in range(60):
+        batch = builder(CAPTIONS)
+        labels, ids = batch["mlm_labels"], batch["input_ids"]
+        special = torch.tensor([[t in tokenizer.all_special_ids for t in row] for row in ids.tolist()])
+        sel = labels != IGNORE
+        assert not (sel & (batch["attention_mask"] == 0)).any(), "padding was masked"
+        assert (labels[sel] > 103).all(), "a special token was chosen for MLM"
+        masked += int(sel.sum())
+        maskable += int(((batch["attention_mask"] == 1) & ~special | sel).sum())
+        as_mask += int((ids[sel] == tokenizer.mask_token_id).sum())
+        kept += int((ids[sel] == labels[sel]).sum())
+        as_random += int(((ids[sel] != tokenizer.mask_token_id) & (ids[sel] != labels[sel])).sum())
+    assert abs(masked / maskable - 0.15) < 0.02
+    assert abs(as_mask / masked - 0.8) < 0.04
+    assert abs(as_random / masked - 0.1) < 0.04  # a random word may equal the original: counted as kept
+    assert abs(kept / masked - 0.1) < 0.04
+
+
+def test_itm_negatives_are_other_images_captions_and_carry_no_mlm(tokenizer):
+    builder = build(tokenizer)
+    negatives = total = 0
+    for _ in range(30):
+        batch = builder(CAPTIONS)
+        itm, img = batch["itm_labels"], batch["image_index"]
+        assert img.tolist() == [i for i in range(8) for _ in range(4)]
+        assert (batch["mlm_labels"][itm == 0] == IGNORE).all()
+        restored = torch.where(batch["mlm_labels"] != IGNORE, batch["mlm_labels"], batch["input_ids"])
+        for t in range(len(itm)):
+            text = tokenizer.decode(restored[t], skip_special_tokens=True)
+            owners = [i for i, caps in enumerate(CAPTIONS) if text in caps]
+            assert owners, text
+            # matched: a caption of its own image; negative: a caption of another image
+            assert (int(img[t]) in owners) == bool(itm[t] == 1), (t, text)
+        negatives += int((itm == 0).sum())
+        total += len(itm)
+    assert abs(negatives / total - 0.5) < 0.05
+
+
+def test_mvm_masks_every_cell_of_the_chosen_visual_word():
+    g = torch.Generator().manual_seed(0)
+    vd_index = torch.tensor([[1, 2, 1, 3, 1, 2], [4, 4, 5, 6, 7, 4]])
+    mask = sample_mvm_mask(vd_index, prob=1.0, generator=g)
+    for row, m in zip(vd_index, mask):
+        chosen = row[m]
+        assert len(chosen) > 0 and (chosen == chosen[0]).all()
+        assert m.sum() == (row == chosen[0]).sum()  # all cells of that word, and only those
+
+
+def test_mvm_masks_images_with_the_configured_probability():
+    g = torch.Generator().manual_seed(0)
+    vd_index = torch.randint(0, 50, (4000, 16), generator=g)
+    mask = sample_mvm_mask(vd_index, prob=0.3, generator=g)
+    assert abs(mask.any(1).float().mean().item() - 0.3) < 0.03
+    assert not sample_mvm_mask(vd_index, prob=0.0, generator=g).any()

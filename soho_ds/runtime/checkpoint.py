@@ -44,7 +44,7 @@ def resume(engine, ckpt_dir: str | Path) -> dict | None:
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: checkpoint named by 'latest' could not be loaded")
-    log.info("resumed from %s at step %d", path, client_state["step"])
+    log.info("resumed from %s at step %d", Path(ckpt_dir) / tag, client_state["step"])
     return client_state
 
 

@@ -54,7 +54,22 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"rng": checkpoint.rng_state(self.task.rng_generators())}
 
+    def check_replicas(self) -> None:
+        """Every rank must hold the same weights and VD table; checked at each checkpoint (one all_gather)."""
+        if self.dist.world_size == 1:
+            return
+        module = self.engine.module
+        sums = [sum(p.detach().double().sum() for p in module.parameters())]
+        sums += [b.detach().double().sum() for n, b in module.named_buffers() if ".vd." in f".{n}"]
+        local = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in sums]).to(self.dist.device)
+        everyone = [torch.empty_like(local) for _ in range(self.dist.world_size)]
+        dist.all_gather(everyone, local)
+        if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+            raise RuntimeError(f"ranks disagree on weights or VD table: {[e.tolist() for e in everyone]}")
+        self.logger.info("replicas agree: weights and VD table identical on all %d ranks", self.dist.world_size)
+
     def save(self, step: int) -> None:
+        self.check_replicas()
         checkpoint.save(self.engine, self.ckpt_dir, step, self._client_state(), self.cfg.to_dict())
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -76,6 +91,7 @@ class Trainer:
         t_start = t_last = time.time()
         images = 0
         self.logger.info("training from step %d to %d", step, t.max_steps)
+        first = None
         while step < t.max_steps:
             out = engine(to_device(next(batches), self.dist.device, self.dtype))
             engine.backward(out["loss"])
@@ -94,6 +110,7 @@ class Trainer:
                 values.update({"train/lr": engine.get_lr()[0], "perf/img_per_s": img_per_s,
                                "train/loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0))})
                 self.logger.scalars(step, values)
+                first = first or values
                 eta = (now - t_start) / (step - start) * (t.max_steps - step)
                 terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())
                                   if k.startswith(("loss/", "acc/", "vd/usage")))
@@ -107,5 +124,10 @@ class Trainer:
         metrics = self.evaluate(step)
         if checkpoint.latest_tag(self.ckpt_dir) != checkpoint.tag_for(step):
             self.save(step)
+        if first is not None:
+            self.logger.info("done: loss %.4f at step %d -> %.4f at step %d", first["loss"], start + 1,
+                             values["loss"], step)
+        self.logger.info("TensorBoard logs: %s   checkpoint: %s/%s", self.logger.log_dir, self.ckpt_dir,
+                         checkpoint.tag_for(step))
         self.logger.close()
         return metrics

@@ -34,7 +34,7 @@ def _gather_candidates(x: torch.Tensor, n: int) -> torch.Tensor:
     if world == 1:
         return local[:n]
     gathered = torch.empty(world * per_rank, x.shape[1], device=x.device, dtype=x.dtype)
-    dist.all_gather_into_tensor(gathered, local)
+    dist.all_gather_single(gathered, local)
     return gathered[:n]
 
 

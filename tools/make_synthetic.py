@@ -1,11 +1,12 @@
 """Generate the synthetic shapes dataset (WebDataset tar shards + manifest).
 
-    python tools/make_synthetic.py --out data/synthetic --num-train 2000 --num-val 200
+    python tools/make_synthetic.py --out data/synthetic --num-train 2000 --num-val 200 \
+        --downstream data/synthetic_downstream
 """
 import argparse
 import logging
 
-from soho_ds.data.synthetic import make_dataset
+from soho_ds.data.synthetic import make_dataset, make_downstream
 
 
 def main() -> None:
@@ -18,12 +19,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malformed", type=int, default=0,
                    help="add this many broken samples (truncated JPEG, bad JSON, missing JPEG) to train")
+    p.add_argument("--downstream", metavar="DIR",
+                   help="also write synthetic retrieval / VQA / NLVR2 / SNLI-VE sets (real formats) here")
+    p.add_argument("--num-downstream", type=int, default=400, help="downstream training images (eval: a quarter)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     m = make_dataset(a.out, a.num_train, a.num_val, a.samples_per_shard, a.image_size, a.seed, a.malformed)
     for name, split in m["splits"].items():
         logging.info("%s: %d samples in %d shards -> %s/%s", name, split["num_samples"], len(split["shards"]),
                      a.out, name)
+    if a.downstream:
+        d = make_downstream(a.downstream, a.num_downstream, a.num_downstream // 4, a.image_size, a.seed + 100)
+        logging.info("downstream: %d images, retrieval/ vqa/ nlvr2/ snli_ve/ -> %s", d["images"], d["root"])
 
 
 if __name__ == "__main__":

@@ -246,3 +246,145 @@ def make_dataset(out: str | Path, num_train: int = 2000, num_val: int = 200, sam
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+# --- downstream counterparts, in each benchmark's own file format ---
+
+def _vqa_for(rng: random.Random, objects: list[ShapeObject]) -> list[tuple[str, str]]:
+    """(question, answer) pairs about colour, shape, size, count and presence, all true of the scene."""
+    qa = [("how many shapes are there?", str(len(objects)))]
+    shapes = [o.shape for o in objects]
+    colours = [o.colour for o in objects]
+    o = rng.choice(objects)
+    if shapes.count(o.shape) == 1:
+        qa.append((f"what colour is the {o.shape}?", o.colour))
+    if colours.count(o.colour) == 1:
+        qa.append((f"what shape is the {o.colour} object?", o.shape))
+        qa.append((f"what size is the {o.colour} {o.shape}?", o.size))
+    present = {(x.colour, x.shape) for x in objects}
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    if rng.random() < 0.5:
+        colour, shape = o.colour, o.shape
+    qa.append((f"is there a {colour} {shape}?", "yes" if (colour, shape) in present else "no"))
+    return qa
+
+
+def _annotators(rng: random.Random, answer: str) -> list[str]:
+    """Ten human-like answers: mostly the truth, sometimes spelled differently ("two" for "2")."""
+    words = {v: k for k, v in {"one": "1", "two": "2", "three": "3"}.items()}
+    return [words.get(answer, answer) if rng.random() < 0.2 else answer for _ in range(10)]
+
+
+def _nlvr2_statement(rng: random.Random, left: list[ShapeObject], right: list[ShapeObject]) -> tuple[str, bool]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        side, objs = rng.choice([("left", left), ("right", right)])
+        o = rng.choice(left + right)
+        return f"the {side} image contains {o.phrase(with_size=False)}", any(
+            (x.colour, x.shape) == (o.colour, o.shape) for x in objs)
+    if kind == 1:
+        shape = rng.choice([o.shape for o in left + right])
+        return f"both images contain a {shape}", any(o.shape == shape for o in left) and any(
+            o.shape == shape for o in right)
+    more, fewer = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+    counts = {"left": len(left), "right": len(right)}
+    return f"there are more shapes in the {more} image than in the {fewer} image", counts[more] > counts[fewer]
+
+
+NEUTRAL = ("the {p} was drawn by a child", "the {p} is made of paper", "someone painted the {p} yesterday",
+           "the {p} is the artist's favourite")
+
+
+def _snli_hypothesis(rng: random.Random, background: str, objects: list[ShapeObject],
+                     image_size: int) -> tuple[str, str]:
+    kind = rng.choice(("entailment", "neutral", "contradiction"))
+    o = rng.choice(objects)
+    if kind == "entailment":
+        return rng.choice(captions_for(background, objects, image_size)), kind
+    if kind == "neutral":
+        return rng.choice(NEUTRAL).format(p=f"{o.colour} {o.shape}"), kind
+    absent = [c for c in sorted(COLOURS) if all(x.colour != c for x in objects)]
+    if rng.random() < 0.5 and absent:
+        return f"there is {ShapeObject(o.shape, rng.choice(absent), o.size, o.box).phrase()}", kind
+    wrong = rng.choice([n for n in (1, 2, 3, 4) if n != len(objects)])
+    return f"there are exactly {NUMBER_WORDS.get(wrong, 'four')} shapes", kind
+
+
+def make_downstream(out: str | Path, num_train: int = 400, num_eval: int = 100, image_size: int = 128,
+                    seed: int = 100) -> dict:
+    """Synthetic retrieval, VQA 2.0, NLVR2 and SNLI-VE sets under `out/`, in the real formats:
+    Karpathy JSON, official VQA questions/annotations JSON (+ a test-dev questions file),
+    NLVR2 JSON-lines with `split-set-pair-img{0,1}.png` images (JPEG data, as in the real
+    release), SNLI-VE JSON-lines (train with "Flickr30K_ID", dev with the old "Flikr30kID")."""
+    out = Path(out)
+    rng = random.Random(seed)
+    for sub in ("images", "retrieval", "vqa", "nlvr2", "snli_ve"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    scenes = {}
+    split_of = {}
+    for i in range(num_train + num_eval):
+        image_id = 1000 + i
+        background, objects = sample_scene(rng, image_size)
+        render(background, objects, image_size, rng).save(out / "images" / f"{image_id}.jpg", quality=90)
+        scenes[image_id] = (background, objects)
+        split_of[image_id] = "train" if i < num_train else "test"
+
+    karpathy, sentid = [], 0
+    for imgid, (image_id, (background, objects)) in enumerate(scenes.items()):
+        caps = captions_for(background, objects, image_size)
+        sents = [{"tokens": c.replace(",", "").replace(":", "").split(), "raw": c, "imgid": imgid,
+                  "sentid": sentid + k} for k, c in enumerate(caps)]
+        karpathy.append({"sentids": [s["sentid"] for s in sents], "imgid": imgid, "sentences": sents,
+                         "split": split_of[image_id], "filename": f"{image_id}.jpg"})
+        sentid += len(caps)
+    (out / "retrieval" / "dataset_synthetic.json").write_text(json.dumps({"images": karpathy,
+                                                                          "dataset": "synthetic"}))
+
+    header = {"info": {"description": "synthetic shapes, VQA v2 layout"}, "task_type": "Open-Ended",
+              "data_type": "synthetic"}
+    for split, ids in (("train", [i for i in scenes if split_of[i] == "train"]),
+                       ("val", [i for i in scenes if split_of[i] == "test"])):
+        questions, annotations = [], []
+        for image_id in ids:
+            for k, (q, a) in enumerate(_vqa_for(rng, scenes[image_id][1])):
+                qid = image_id * 1000 + k
+                questions.append({"image_id": image_id, "question": q, "question_id": qid})
+                annotations.append({"question_id": qid, "image_id": image_id, "multiple_choice_answer": a,
+                                    "answer_type": "yes/no" if a in ("yes", "no") else "number"
+                                    if a.isdigit() else "other",
+                                    "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": j + 1}
+                                                for j, x in enumerate(_annotators(rng, a))]})
+        (out / "vqa" / f"questions_{split}.json").write_text(json.dumps(
+            {**header, "data_subtype": split, "questions": questions}))
+        (out / "vqa" / f"annotations_{split}.json").write_text(json.dumps(
+            {**header, "data_subtype": split, "annotations": annotations}))
+        if split == "val":
+            (out / "vqa" / "questions_test-dev.json").write_text(json.dumps(
+                {**header, "data_subtype": "test-dev", "questions": questions}))
+
+    for split, n_pairs in (("train", num_train), ("dev", num_eval)):
+        lines = []
+        for pair in range(n_pairs):
+            (_, left), (_, right) = sample_scene(rng, image_size), sample_scene(rng, image_size)
+            stem = f"{split}-{pair // 4}-{pair % 4}"
+            for side, objs in (("img0", left), ("img1", right)):
+                render("white", objs, image_size, rng).save(out / "images" / f"{stem}-{side}.png", format="JPEG")
+            sentence, truth = _nlvr2_statement(rng, left, right)
+            lines.append(json.dumps({"validation": {}, "sentence": sentence, "left_url": "", "writer": "0",
+                                     "label": "True" if truth else "False", "right_url": "", "synset": "",
+                                     "query": "", "identifier": f"{stem}-0"}))
+        (out / "nlvr2" / f"{split}.json").write_text("\n".join(lines) + "\n")
+
+    for split, key in (("train", "Flickr30K_ID"), ("dev", "Flikr30kID")):
+        lines = []
+        for image_id in [i for i in scenes if split_of[i] == ("train" if split == "train" else "test")]:
+            background, objects = scenes[image_id]
+            for k in range(3):
+                hyp, label = _snli_hypothesis(rng, background, objects, image_size)
+                value = str(image_id) if key == "Flickr30K_ID" else f"{image_id}.jpg"
+                lines.append(json.dumps({key: value, "annotator_labels": [label], "captionID": f"{image_id}.jpg#0",
+                                         "gold_label": label, "pairID": f"{image_id}.jpg#0r{k}{label[0]}",
+                                         "sentence1": captions_for(background, objects, image_size)[0],
+                                         "sentence2": hyp}, sort_keys=True))
+        (out / "snli_ve" / f"snli_ve_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {"images": len(scenes), "root": str(out)}

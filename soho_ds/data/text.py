@@ -2,8 +2,9 @@
 
 Each image contributes `captions_per_image` captions (its features are computed once and
 shared). With probability `itm_neg_prob` a caption is swapped for one of another image in
-the batch (ITM negative). Matched captions are MLM-masked with transformers' own
-`DataCollatorForLanguageModeling` (15%: 80% [MASK], 10% random word, 10% kept).
+the batch (ITM negative). All captions are MLM-masked with transformers' own
+`DataCollatorForLanguageModeling` (15%: 80% [MASK], 10% random word, 10% kept); the MLM loss
+counts on matched captions only.
 """
 from __future__ import annotations
 
@@ -71,9 +72,9 @@ class PretrainTextBuilder:
         enc = self.tokenize(chosen)
         special = enc["special_tokens_mask"].bool() | ~enc["attention_mask"].bool()
         input_ids, mlm_labels = self.masker.torch_mask_tokens(enc["input_ids"].clone(), special)
-        # Words of a mismatched caption are not predicted from the wrong image: no MLM there.
-        unmatched = itm_labels == 0
-        input_ids[unmatched] = enc["input_ids"][unmatched]
-        mlm_labels[unmatched] = IGNORE
+        # Every caption is masked alike, so a [MASK] in the input says nothing about ITM (masking only
+        # matched captions lets ITM "solve" itself from the text); a mismatched caption's words are
+        # not predicted from the wrong image: no MLM loss there.
+        mlm_labels[itm_labels == 0] = IGNORE
         return {"input_ids": input_ids, "attention_mask": enc["attention_mask"], "mlm_labels": mlm_labels,
                 "itm_labels": itm_labels, "image_index": image_index}

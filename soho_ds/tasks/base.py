@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from soho_ds.data.pipeline import ImageFileDecoder
@@ -20,6 +21,7 @@ from soho_ds.models.backbone import load_checked
 from soho_ds.models.soho import SohoModel
 from soho_ds.runtime.config import RunConfig
 from soho_ds.runtime.dist import DistInfo
+from soho_ds.runtime.trainer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def require(obj: dict, keys: tuple[str, ...], where: str) -> None:
 class FinetuneModel(nn.Module):
     """SOHO plus a task head. `encode` runs images and texts through the shared model."""
 
+    reused_heads: tuple[str, ...] = ()  # pretraining heads this task starts from (retrieval: the ITM head)
+
     def __init__(self, cfg: RunConfig):
         super().__init__()
         self.model = SohoModel(cfg.model)
@@ -80,7 +84,11 @@ class FinetuneModel(nn.Module):
         SOHO key must be present with its shape."""
         state = load_checkpoint_weights(path)
         soho = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state if not k.startswith("model.")})
+        for head in self.reused_heads:
+            load_checked(getattr(self, head), {k[len(head) + 1:]: v for k, v in state.items()
+                                               if k.startswith(head + ".")}, f"{path} ({head})")
+        skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state
+                          if not k.startswith(("model.",) + tuple(h + "." for h in self.reused_heads))})
         own = self.model.state_dict()
         unused = sorted(k for k in soho if k not in own)  # e.g. the VD when this task runs without it
         if unused:
@@ -159,3 +167,20 @@ class ExampleTask(ABC):
         """This rank's share of n evaluation items (contiguous, all items covered once)."""
         per = -(-n // self.dist.world_size)
         return range(self.dist.rank * per, min(n, (self.dist.rank + 1) * per))
+
+    def accuracy(self, examples: list, module: nn.Module, device, dtype) -> dict[str, float]:
+        """Accuracy of `module.logits` against batch["labels"] over all examples, each rank its slice."""
+        was_training = module.training
+        module.eval()
+        counts = torch.zeros(2, device=device)  # correct, total
+        mine = [examples[i] for i in self.eval_slice(len(examples))]
+        with torch.no_grad():
+            for start in range(0, len(mine), self.micro_batch):
+                batch = to_device(self.collate(mine[start:start + self.micro_batch], train=False), device, dtype)
+                pred = module.logits(batch).argmax(1)
+                counts += torch.stack([(pred == batch["labels"]).sum().float(),
+                                       torch.tensor(float(len(pred)), device=device)])
+        module.train(was_training)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return {"accuracy": 100 * (counts[0] / counts[1]).item(), "num_examples": counts[1].item()}

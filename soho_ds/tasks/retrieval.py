@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from soho_ds.models.heads import ITMHead
@@ -119,6 +118,8 @@ def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10)) -
 
 
 class RetrievalModel(FinetuneModel):
+    reused_heads = ("itm_head",)
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.itm_head = ITMHead(self.model.hidden_size)
@@ -152,14 +153,15 @@ class RetrievalModel(FinetuneModel):
 
 
 class RetrievalTask(ExampleTask):
-    model_class = RetrievalModel
-
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
         super().__init__(cfg, dist_info, micro_batch)
         t = cfg.task
         self.train_images_list = read_retrieval(t.train_file, t.train_splits)
         self.eval_images_list = read_retrieval(t.eval_file, (t.eval_split,))
         self.train_examples = [(i, c) for i, im in enumerate(self.train_images_list) for c in im.captions]
+
+    def make_model(self) -> RetrievalModel:
+        return RetrievalModel(self.cfg)
 
     def collate(self, examples, train: bool = True):
         images = [self.train_images_list[i] for i, _ in examples]

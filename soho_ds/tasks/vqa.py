@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soho_ds.runtime.config import RunConfig
+from soho_ds.runtime.trainer import to_device
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ class VQATask(ExampleTask):
         preds = {}
         for start in range(0, len(mine), self.micro_batch):
             chunk = mine[start:start + self.micro_batch]
-            batch = self.collate(chunk, train=False)
-            batch = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+            batch = to_device(self.collate(chunk, train=False), device, dtype)
             for q, a in zip(chunk, module.logits(batch).argmax(1).tolist()):
                 preds[q.question_id] = self.vocab[a]
         module.train(was_training)

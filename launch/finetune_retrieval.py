@@ -1,0 +1,10 @@
+"""Finetune and evaluate on retrieval.
+
+    deepspeed launch/finetune_retrieval.py --deepspeed_config ds_configs/zero2.json --config configs/finetune_retrieval_*.yaml --init runs/.../checkpoints
+"""
+import argparse
+
+from soho_ds.tasks.run import add_finetune_arguments, finetune
+
+if __name__ == "__main__":
+    finetune(add_finetune_arguments(argparse.ArgumentParser(description=__doc__)).parse_args(), "retrieval")

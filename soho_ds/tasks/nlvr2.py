@@ -1,0 +1,86 @@
+"""NLVR2: is a statement true of a pair of images? Each image is fused with the statement in its
+own pass; the two [CLS] vectors are concatenated and classified (the pairing SOHO used).
+
+File: the official JSON-lines (`dev.json`, `test1.json`, `train.json`): `sentence`, `label`
+("True"/"False"), `identifier` "split-set-pair-sentence"; images `split-set-pair-img0.png` (left)
+and `-img1.png` (right), under `<directory>/` for train. Not all ".png" files are PNGs: DALI
+decodes by content.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soho_ds.pretrain.objectives import classification_loss
+from soho_ds.runtime.config import RunConfig
+from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_jsonl, require
+
+LABELS = {"False": 0, "True": 1}
+
+
+@dataclass(frozen=True)
+class NLVR2Example:
+    identifier: str
+    sentence: str
+    images: tuple[str, str]  # left, right, relative to the image root
+    label: int
+
+
+def read_nlvr2(path: str | Path) -> list[NLVR2Example]:
+    out = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        require(obj, ("sentence", "label", "identifier"), where)
+        if obj["label"] not in LABELS:
+            raise AnnotationError(f"{where}: label must be \"True\" or \"False\", got {obj['label']!r}")
+        parts = obj["identifier"].split("-")
+        if len(parts) != 4:
+            raise AnnotationError(f"{where}: identifier {obj['identifier']!r} is not split-set-pair-sentence")
+        stem = "-".join(parts[:3])
+        folder = f"{obj['directory']}/" if "directory" in obj else ""  # train images are in 100 folders
+        out.append(NLVR2Example(obj["identifier"], obj["sentence"],
+                                (f"{folder}{stem}-img0.png", f"{folder}{stem}-img1.png"), LABELS[obj["label"]]))
+    return out
+
+
+class NLVR2Model(FinetuneModel):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        h = self.model.hidden_size
+        self.head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
+                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, 2))
+
+    def logits(self, batch) -> torch.Tensor:
+        B = batch["input_ids"].shape[0]
+        # images = [left_0..left_B-1, right_0..right_B-1]: one CNN pass, two fusion passes
+        index = torch.arange(B, device=batch["input_ids"].device)
+        ids, mask = batch["input_ids"].repeat(2, 1), batch["attention_mask"].repeat(2, 1)
+        pooled = self.encode(batch["images"], ids, mask, torch.cat([index, index + B]))
+        return self.head(torch.cat([pooled[:B], pooled[B:]], dim=-1)).float()
+
+    def forward(self, batch):
+        loss, acc = classification_loss(self.logits(batch), batch["labels"])
+        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
+
+
+class NLVR2Task(ExampleTask):
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
+        super().__init__(cfg, dist_info, micro_batch)
+        self.train_examples = read_nlvr2(cfg.task.train_file)
+        self.eval_examples = read_nlvr2(cfg.task.eval_file)
+
+    def make_model(self) -> NLVR2Model:
+        return NLVR2Model(self.cfg)
+
+    def collate(self, examples: list[NLVR2Example], train: bool = True):
+        batch = self.tokenize([e.sentence for e in examples])
+        paths = [self.image_path(e.images[0]) for e in examples] + [self.image_path(e.images[1]) for e in examples]
+        batch["images"] = (self.train_images if train else self.eval_images)(paths)
+        batch["labels"] = torch.tensor([e.label for e in examples])
+        return batch
+
+    def evaluate(self, module, device, dtype) -> dict[str, float]:
+        return self.accuracy(self.eval_examples, module, device, dtype)

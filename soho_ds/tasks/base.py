@@ -144,6 +144,10 @@ class ExampleTask(ABC):
         """Examples -> a batch of tensors for the task's model."""
 
     @abstractmethod
+    def chance(self) -> dict[str, float]:
+        """What guessing scores on the evaluation split, for the metrics it applies to."""
+
+    @abstractmethod
     def evaluate(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         """The task's metric over the whole evaluation split."""
 

@@ -72,6 +72,9 @@ class NLVR2Task(ExampleTask):
         self.train_examples = read_nlvr2(cfg.task.train_file)
         self.eval_examples = read_nlvr2(cfg.task.eval_file)
 
+    def chance(self) -> dict[str, float]:
+        return {"accuracy": 50.0}
+
     def make_model(self) -> NLVR2Model:
         return NLVR2Model(self.cfg)
 

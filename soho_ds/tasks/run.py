@@ -37,6 +37,7 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
     engine = build_engine(module, cfg.train, ds)
     seed_rank(cfg, dist_info)
     trainer = Trainer(engine, task, cfg, logger, dist_info)
-    if args.eval_only:
-        return trainer.evaluate(engine.global_steps)
-    return trainer.fit(resume=args.resume)
+    metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
+    log.info("%s: %s", task_name, "  ".join(f"{k} {v:.2f} (chance {task.chance()[k]:.2f})"
+                                            for k in sorted(metrics) if k in task.chance()))
+    return metrics

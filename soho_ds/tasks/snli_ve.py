@@ -74,6 +74,9 @@ class SNLIVETask(ExampleTask):
         self.train_examples = read_snli_ve(cfg.task.train_file)
         self.eval_examples = read_snli_ve(cfg.task.eval_file)
 
+    def chance(self) -> dict[str, float]:
+        return {"accuracy": 100 / 3}
+
     def make_model(self) -> SNLIVEModel:
         return SNLIVEModel(self.cfg)
 

@@ -172,6 +172,14 @@ class VQATask(ExampleTask):
         log.info("VQA: %d train questions, %d answers in the vocabulary, %d eval questions", len(train),
                  len(self.vocab), len(self.eval_questions))
 
+    def chance(self) -> dict[str, float]:
+        """Always answering the most frequent training answer."""
+        if self.eval_questions[0].answers is None:
+            return {}
+        top = self.vocab[0]
+        return {"vqa_accuracy": 100 * sum(vqa_accuracy(top, list(q.answers)) for q in self.eval_questions)
+                / len(self.eval_questions)}
+
     def make_model(self) -> VQAModel:
         return VQAModel(self.cfg, len(self.vocab))
 

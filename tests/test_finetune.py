@@ -1,0 +1,76 @@
+"""Each finetune driver end to end on its synthetic counterpart (real file formats), in one process."""
+import argparse
+import json
+
+import pytest
+
+from conftest import ROOT, tiny_model_config
+
+TINY = ["model.backbone=resnet18", "model.freeze_stem=false", "model.hidden_size=64", "model.num_layers=2",
+        "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32", "data.image_size=64",
+        "data.max_text_len=20", "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def downstream(tmp_path_factory):
+    from soho_ds.data.synthetic import make_downstream
+
+    out = tmp_path_factory.mktemp("downstream")
+    make_downstream(out, num_train=160, num_eval=40, image_size=64, seed=5)
+    return out
+
+
+def run_finetune(task, config, downstream, tmp_path, steps, extra=()):
+    from soho_ds.tasks.run import add_finetune_arguments, finetune
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+                              "gradient_clipping": 10.0, "zero_optimization": {"stage": 2}}))
+    sets = TINY + [f"train.max_steps={steps}", f"train.output_dir={tmp_path}/{task}", *extra]
+    # the shipped synthetic config, pointed at this test's data folder
+    text = (ROOT / "configs" / config).read_text().replace("data/synthetic_downstream", str(downstream))
+    cfg = tmp_path / config
+    cfg.write_text(text)
+    argv = ["--deepspeed_config", str(ds), "--config", str(cfg)] + sum((["--set", s] for s in sets), [])
+    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return finetune(args, task)
+
+
+@pytest.mark.slow
+def test_vqa_finetune_beats_the_most_frequent_answer(downstream, tmp_path):
+    from soho_ds.tasks.vqa import read_vqa, vqa_accuracy
+
+    metrics = run_finetune("vqa", "finetune_vqa_synthetic.yaml", downstream, tmp_path, steps=120)
+    train = read_vqa(downstream / "vqa/questions_train.json", downstream / "vqa/annotations_train.json")
+    val = read_vqa(downstream / "vqa/questions_val.json", downstream / "vqa/annotations_val.json")
+    most_common = max({a for q in train for a in q.answers}, key=lambda a: sum(a in q.answers for q in train))
+    chance = 100 * sum(vqa_accuracy(most_common, list(q.answers)) for q in val) / len(val)
+    assert metrics["num_questions"] == len(val)  # the full split, not a sample
+    assert metrics["vqa_accuracy"] > chance + 10, (metrics, chance)
+    results = json.loads((tmp_path / "vqa" / "vqa_results.json").read_text())
+    assert len(results) == len(val) and set(results[0]) == {"question_id", "answer"}
+
+
+@pytest.mark.slow
+def test_snli_ve_finetune_beats_chance(downstream, tmp_path):
+    metrics = run_finetune("snli_ve", "finetune_snli_ve_synthetic.yaml", downstream, tmp_path, steps=100)
+    assert metrics["num_examples"] == 120
+    assert metrics["accuracy"] > 33.3 + 15, metrics
+
+
+@pytest.mark.slow
+def test_nlvr2_finetune_beats_chance(downstream, tmp_path):
+    metrics = run_finetune("nlvr2", "finetune_nlvr2_synthetic.yaml", downstream, tmp_path, steps=100)
+    assert metrics["num_examples"] == 40
+    assert metrics["accuracy"] > 50 + 10, metrics
+
+
+@pytest.mark.slow
+def test_retrieval_finetune_scores_the_full_split_and_its_folds(downstream, tmp_path):
+    metrics = run_finetune("retrieval", "finetune_retrieval_synthetic.yaml", downstream, tmp_path, steps=20,
+                           extra=["task.eval_folds=2"])
+    assert metrics["num_images"] == 40 and metrics["num_texts"] == 200  # every test image, every caption
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "2fold/t2i_r1"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
+    assert (tmp_path / "retrieval" / "checkpoints" / "latest").read_text().strip() == "step_00000020"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, tiny_model_config
+from conftest import ROOT
 
 TINY = ["model.backbone=resnet18", "model.freeze_stem=false", "model.hidden_size=64", "model.num_layers=2",
         "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32", "data.image_size=64",

@@ -45,3 +45,9 @@ class ITMHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(pooled)
+
+
+def mlp_classifier(in_features: int, hidden_features: int, out_features: int, dropout: float = 0.1) -> nn.Sequential:
+    """The downstream answer/label head: Linear, GELU, LayerNorm, Dropout, Linear (UNITER/ViLT style)."""
+    return nn.Sequential(nn.Linear(in_features, hidden_features), nn.GELU(), nn.LayerNorm(hidden_features),
+                         nn.Dropout(dropout), nn.Linear(hidden_features, out_features))

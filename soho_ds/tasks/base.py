@@ -19,6 +19,7 @@ from soho_ds.data.pipeline import ImageFileDecoder
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.backbone import load_checked
 from soho_ds.models.soho import SohoModel
+from soho_ds.pretrain.objectives import classification_loss
 from soho_ds.runtime.config import RunConfig
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import to_device
@@ -96,6 +97,14 @@ class FinetuneModel(nn.Module):
         soho = {k: v.to(own[k].dtype) for k, v in soho.items() if k in own}
         load_checked(self.model, soho, path)
         log.info("initialised from %s (left out the pretraining heads %s)", path, skipped)
+
+
+class ClassifierModel(FinetuneModel):
+    """A finetune model whose `logits(batch)` are scored with cross-entropy against batch["labels"]."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss, acc = classification_loss(self.logits(batch), batch["labels"])
+        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
 
 
 def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:

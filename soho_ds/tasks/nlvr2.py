@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from soho_ds.pretrain.objectives import classification_loss
+from soho_ds.models.heads import mlp_classifier
 from soho_ds.runtime.config import RunConfig
-from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_jsonl, require
+from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 LABELS = {"False": 0, "True": 1}
 
@@ -46,12 +45,11 @@ def read_nlvr2(path: str | Path) -> list[NLVR2Example]:
     return out
 
 
-class NLVR2Model(FinetuneModel):
+class NLVR2Model(ClassifierModel):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
-                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, 2))
+        self.head = mlp_classifier(2 * h, 2 * h, 2, cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         B = batch["input_ids"].shape[0]
@@ -60,10 +58,6 @@ class NLVR2Model(FinetuneModel):
         ids, mask = batch["input_ids"].repeat(2, 1), batch["attention_mask"].repeat(2, 1)
         pooled = self.encode(batch["images"], ids, mask, torch.cat([index, index + B]))
         return self.head(torch.cat([pooled[:B], pooled[B:]], dim=-1)).float()
-
-    def forward(self, batch):
-        loss, acc = classification_loss(self.logits(batch), batch["labels"])
-        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
 
 
 class NLVR2Task(ExampleTask):

@@ -38,6 +38,6 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
     seed_rank(cfg, dist_info)
     trainer = Trainer(engine, task, cfg, logger, dist_info)
     metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
-    log.info("%s: %s", task_name, "  ".join(f"{k} {v:.2f} (chance {task.chance()[k]:.2f})"
+    log.info("%s: %s", task_name, "  ".join(f"{k} {metrics[k]:.2f} (chance {task.chance()[k]:.2f})"
                                             for k in sorted(metrics) if k in task.chance()))
     return metrics

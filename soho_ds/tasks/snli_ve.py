@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from soho_ds.pretrain.objectives import classification_loss
+from soho_ds.models.heads import mlp_classifier
 from soho_ds.runtime.config import RunConfig
-from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_jsonl, require
+from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 log = logging.getLogger(__name__)
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
@@ -53,19 +52,14 @@ def read_snli_ve(path: str | Path) -> list[SNLIVEExample]:
     return out
 
 
-class SNLIVEModel(FinetuneModel):
+class SNLIVEModel(ClassifierModel):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
-                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, len(LABELS)))
+        self.head = mlp_classifier(h, 2 * h, len(LABELS), cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()
-
-    def forward(self, batch):
-        loss, acc = classification_loss(self.logits(batch), batch["labels"])
-        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
 
 
 class SNLIVETask(ExampleTask):

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
+from soho_ds.models.heads import mlp_classifier
 from soho_ds.runtime.config import RunConfig
 from soho_ds.runtime.trainer import to_device
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
@@ -145,8 +145,7 @@ class VQAModel(FinetuneModel):
     def __init__(self, cfg: RunConfig, num_answers: int):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h),
-                                  nn.Dropout(cfg.task.head_dropout), nn.Linear(2 * h, num_answers))
+        self.head = mlp_classifier(h, 2 * h, num_answers, cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()

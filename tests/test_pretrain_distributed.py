@@ -19,22 +19,29 @@ TINY = ["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=2",
 STEP_LINE = re.compile(r"step (\d+)/(\d+)  loss ([\d.]+).*loss/mlm ([\d.]+)")
 
 
-def launch(tmp_path, synthetic_data, ranks, steps, extra=(), resume=False):
+def launch_command(tmp_path, synthetic_data, steps, extra=(), resume=False, launcher_args=("--num_gpus", "2")):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                               "gradient_clipping": 10.0, "zero_optimization": {"stage": 2},
                               "bf16": {"enabled": True}}))
     overrides = TINY + [f"data.train_shards={synthetic_data}/train", f"data.val_shards={synthetic_data}/val",
                         f"train.output_dir={tmp_path}/run", f"train.max_steps={steps}", *extra]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "launch/pretrain.py", "--deepspeed_config", str(ds),
-           "--config", "configs/pretrain_synthetic.yaml", "--precision", "fp32"]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), *launcher_args, "launch/pretrain.py",
+           "--deepspeed_config", str(ds), "--config", "configs/pretrain_synthetic.yaml", "--precision", "fp32"]
     for o in overrides:
         cmd += ["--set", o]
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return cmd
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def launch(tmp_path, synthetic_data, ranks, steps, extra=(), resume=False):
+    cmd = launch_command(tmp_path, synthetic_data, steps, extra, resume,
+                         ("--num_gpus", str(ranks), "--master_port", str(free_port())))
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
@@ -50,6 +57,7 @@ def two_rank_run(tmp_path_factory, synthetic_data):
 def test_two_rank_zero2_run_lowers_the_loss(two_rank_run):
     _, log = two_rank_run
     assert "world size 2" in log
+    assert "joined as global rank 0 of 2" in log and "joined as global rank 1 of 2" in log
     # The MLM term is the steady signal over a few steps (MVM targets shift as the VD moves).
     mlm = {int(m.group(1)): float(m.group(4)) for m in STEP_LINE.finditer(log)}
     assert sorted(mlm) == list(range(1, 21))
@@ -106,3 +114,43 @@ def test_tensorboard_has_every_training_scalar(two_rank_run):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in events.Scalars("loss/mlm")][:20] == list(range(1, 21))
     assert 0.0 < events.Scalars("vd/usage")[-1].value <= 1.0
+
+
+@pytest.mark.slow
+def test_consolidate_tool_writes_a_plain_state_dict_that_loads_without_deepspeed(two_rank_run):
+    from soho_ds.pretrain.model import SohoPretrainer
+    from soho_ds.runtime.config import load_config
+
+    tmp, _ = two_rank_run
+    ckpt, out = tmp / "run" / "checkpoints", tmp / "consolidated.pt"
+    proc = subprocess.run([sys.executable, "tools/consolidate_checkpoint.py", str(ckpt), str(out),
+                           "--tag", "step_00000020"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(out, weights_only=True)
+    cfg = load_config(ckpt / "step_00000020" / "run_config.yaml")
+    model = SohoPretrainer(cfg.model, cfg.pretrain)
+    model.load_state_dict(state)  # strict: every key, every shape
+    saved = torch.load(ckpt / "step_00000020" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]
+    assert all(torch.equal(model.state_dict()[k].float(), saved[k].float()) for k in saved)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_as_one_world(tmp_path, synthetic_data):
+    """Two DeepSpeed launchers, as on two machines (--no_ssh, node ranks 0 and 1), one rank each."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        args = ("--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--num_nodes", "2",
+                "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", port)
+        cmd = launch_command(tmp_path, synthetic_data, steps=4, extra=["train.save_every=4"], launcher_args=args)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "joined as global rank 0 of 2" in logs[0] and "joined as global rank 1 of 2" in logs[1]
+    assert "replicas agree: weights and VD table identical on all 2 ranks" in logs[0]
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(logs[0])] == [1, 2, 3, 4]

@@ -39,7 +39,7 @@ def setup_run(args: argparse.Namespace):
         raise SystemExit("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
     ds = load_ds_config(args.deepspeed_config)
     dist_info = init_distributed()
-    setup_console(dist_info.rank)
+    setup_console(dist_info.rank, dist_info.world_size, dist_info.local_rank)
     check_batch_arithmetic(ds, dist_info.world_size, args.deepspeed_config)
     ds = resolve_precision(ds, dist_info.device.type, args.precision)
     logger = RunLogger(f"{cfg.train.output_dir}/tensorboard", dist_info.rank)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 from torch.utils.tensorboard import SummaryWriter
@@ -9,10 +10,14 @@ from torch.utils.tensorboard import SummaryWriter
 log = logging.getLogger("soho_ds")
 
 
-def setup_console(rank: int) -> None:
-    """Rank 0 logs at INFO; other ranks only warnings and errors, tagged with their rank."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout, force=True,
+def setup_console(rank: int, world_size: int, local_rank: int) -> None:
+    """Every rank announces itself once; then rank 0 logs at INFO, the others warnings and errors."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    log.info("joined as global rank %d of %d (local rank %d) on %s", rank, world_size, local_rank,
+             socket.gethostname())
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 class RunLogger:

@@ -42,3 +42,25 @@ def tokenizer():
     from soho_ds.data.text import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def downstream(tmp_path_factory) -> Path:
+    """Synthetic retrieval / VQA / NLVR2 / SNLI-VE sets in the real formats: 160 train, 40 eval images."""
+    from soho_ds.data.synthetic import make_downstream
+
+    out = tmp_path_factory.mktemp("downstream")
+    make_downstream(out, num_train=160, num_eval=40, image_size=64, seed=5)
+    return out
+
+
+def downstream_paths(task: str, root: Path) -> list[str]:
+    """--set overrides pointing a task config's files at the synthetic set under `root`."""
+    files = {
+        "retrieval": {"train_file": "retrieval/dataset_synthetic.json", "eval_file": "retrieval/dataset_synthetic.json"},
+        "vqa": {"train_file": "vqa/questions_train.json", "train_answers": "vqa/annotations_train.json",
+                "eval_file": "vqa/questions_val.json", "eval_answers": "vqa/annotations_val.json"},
+        "nlvr2": {"train_file": "nlvr2/train.json", "eval_file": "nlvr2/dev.json"},
+        "snli_ve": {"train_file": "snli_ve/snli_ve_train.jsonl", "eval_file": "snli_ve/snli_ve_dev.jsonl"},
+    }[task]
+    return [f"task.{k}={root / v}" for k, v in files.items()] + [f"task.image_root={root / 'images'}"]

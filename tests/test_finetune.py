@@ -11,15 +11,6 @@ TINY = ["model.backbone=resnet18", "model.freeze_stem=false", "model.hidden_size
         "data.max_text_len=20", "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def downstream(tmp_path_factory):
-    from soho_ds.data.synthetic import make_downstream
-
-    out = tmp_path_factory.mktemp("downstream")
-    make_downstream(out, num_train=160, num_eval=40, image_size=64, seed=5)
-    return out
-
-
 def run_finetune(task, config, downstream, tmp_path, steps, extra=()):
     from soho_ds.tasks.run import add_finetune_arguments, finetune
 

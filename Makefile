@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-$(DATA)/manifest.json: | $(STAMP)
+$(DATA)/manifest.json: soho_ds/data/synthetic.py | $(STAMP)
 	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200 --downstream $(DOWNSTREAM)
 
 data: $(DATA)/manifest.json

@@ -18,6 +18,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
+from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
 from soho_ds.data.shards import decode_meta, list_shards
 
 # ImageNet statistics, in 0-255 pixel units (DALI normalises before scaling).
@@ -40,17 +41,48 @@ def _augment(encoded, image_size, train, crop_scale, hflip_prob, decode_device):
                                     mirror=mirror)
 
 
+def _augment_with_boxes(encoded, boxes, image_size, crop_scale, hflip_prob, decode_device):
+    """The training augmentation with boxes kept aligned (DALI's bbox-aware operators): the crop
+    window is drawn by `random_bbox_crop`, which also maps the boxes into it and reports which
+    survive; the same coin flips image and boxes. Boxes are xyXY in [0, 1] of the output image."""
+    side = [crop_scale[0] ** 0.5, crop_scale[1] ** 0.5]  # crop_scale is an area fraction
+    anchor, shape, boxes, kept = fn.random_bbox_crop(
+        boxes, bbox_layout="xyXY", scaling=side, aspect_ratio=[3 / 4, 4 / 3], thresholds=[0.0],
+        bbox_prune_threshold=0.0, allow_no_crop=True, num_attempts=10, output_bbox_indices=True)
+    images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB)
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
+    mirror = fn.random.coin_flip(probability=hflip_prob)
+    boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
+                                      mirror=mirror)
+    return images, boxes, kept
+
+
 @pipeline_def
 def _image_json_pipeline(paths, index_paths, shard_id, num_shards, image_size, train, crop_scale, hflip_prob,
-                         decode_device, shuffle_buffer):
-    jpegs, meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", "json"],
+                         decode_device, shuffle_buffer, regions, region_features):
+    ext = ["jpg", "json"] + ([BOXES_EXT] if regions else []) + ([FEATURES_EXT] if region_features else [])
+    members = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=ext,
         shard_id=shard_id, num_shards=num_shards,
         random_shuffle=train, initial_fill=shuffle_buffer,
         pad_last_batch=True, missing_component_behavior="error",
-        dtypes=[types.UINT8, types.UINT8], name=READER_NAME)
-    images = _augment(jpegs, image_size, train, crop_scale, hflip_prob, decode_device)
-    return images, fn.pad(meta, fill_value=0)
+        dtypes=[types.UINT8] * len(ext), name=READER_NAME)
+    jpegs, meta = members[0], members[1]
+    if not regions:
+        return _augment(jpegs, image_size, train, crop_scale, hflip_prob, decode_device), fn.pad(meta, fill_value=0)
+    boxes = fn.decoders.numpy(members[2])
+    if train:
+        images, boxes, kept = _augment_with_boxes(jpegs, boxes, image_size, crop_scale, hflip_prob, decode_device)
+        outputs = [images, fn.pad(meta, fill_value=0), fn.pad(boxes, fill_value=-1.0, axes=0),
+                   fn.pad(kept, fill_value=-1)]
+    else:  # the whole image is resized, so normalised boxes stay as they are, all of them kept
+        images = _augment(jpegs, image_size, False, crop_scale, hflip_prob, decode_device)
+        outputs = [images, fn.pad(meta, fill_value=0), fn.pad(boxes, fill_value=-1.0, axes=0)]
+    if region_features:
+        # all axes: an image without boxes may store its features as (0, 0)
+        outputs.append(fn.pad(fn.decoders.numpy(members[3]), fill_value=0))
+    return tuple(outputs)
 
 
 @pipeline_def
@@ -69,6 +101,7 @@ def _devices(device: str | None) -> tuple[str, int | None]:
 class ImageTextBatch:
     images: torch.Tensor  # (B, 3, H, W) float32, normalised, on the pipeline's device
     metas: list[dict]  # per image: the sample JSON (captions, key, ...)
+    regions: RegionTargets | None = None  # boxes aligned with `images`, when the loader reads them
 
 
 class ShardLoader:
@@ -80,22 +113,30 @@ class ShardLoader:
 
     def __init__(self, shards: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  train: bool = True, crop_scale=(0.5, 1.0), hflip_prob: float = 0.5, num_threads: int = 2,
-                 seed: int = 0, shuffle_buffer: int = 1024, device: str | None = None):
+                 seed: int = 0, shuffle_buffer: int = 1024, device: str | None = None,
+                 regions: RegionSpec | None = None):
         self.paths = list_shards(shards)
+        self.image_size, self.regions = image_size, regions
         index_paths = [p[: -len(".tar")] + ".idx" for p in self.paths]
         index_paths = index_paths if all(Path(p).exists() for p in index_paths) else None
+        if regions is not None and index_paths:
+            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
         decode_device, device_id = _devices(device)
         self.pipe = _image_json_pipeline(
             paths=self.paths, index_paths=index_paths, shard_id=rank, num_shards=world_size,
             image_size=image_size, train=train, crop_scale=crop_scale, hflip_prob=hflip_prob,
             decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
+            regions=regions is not None, region_features=bool(regions and regions.features),
             batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + rank,
             prefetch_queue_depth=2)
         self.pipe.build()
         # PARTIAL for evaluation: each rank returns exactly its own samples, no padding repeats.
         # DROP for training: only full batches, so every step has the configured micro-batch.
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator([self.pipe], ["images", "meta"], reader_name=READER_NAME,
+        outputs = ["images", "meta"]
+        if regions is not None:
+            outputs += ["boxes"] + (["kept"] if train else []) + (["features"] if regions.features else [])
+        self.iterator = DALIGenericIterator([self.pipe], outputs, reader_name=READER_NAME,
                                             last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
@@ -105,7 +146,16 @@ class ShardLoader:
         meta = out["meta"].numpy()
         metas = [decode_meta(row.tobytes(), f"sample {i} of a batch from {self.paths[0]}…")
                  for i, row in enumerate(meta)]
-        return ImageTextBatch(out["images"], metas)
+        if self.regions is None:
+            return ImageTextBatch(out["images"], metas)
+        boxes = out["boxes"].cpu().numpy().reshape(len(metas), -1, 4)
+        # Without augmentation every box is kept in its original order; padding rows are -1.
+        kept = out["kept"].cpu().numpy().reshape(len(metas), -1) if "kept" in out else np.where(
+            boxes[..., 0] >= 0, np.arange(boxes.shape[1])[None, :], -1)
+        features = out["features"].cpu().numpy() if "features" in out else None
+        regions = RegionTargets.build(metas, boxes, kept, features, self.image_size, self.regions.num_attributes,
+                                      self.regions.max_boxes, where=f"shards {self.paths[0]}…")
+        return ImageTextBatch(out["images"], metas, regions)
 
     def epochs(self):
         for out in self.iterator:
@@ -114,6 +164,21 @@ class ShardLoader:
     def forever(self):
         while True:
             yield from self.epochs()
+
+
+def _require_members(index_paths: list[str], exts: list[str]) -> None:
+    """Refuses, before reading, shards whose index shows a sample without one of `exts`."""
+    for idx in index_paths:
+        with open(idx) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                present = set(fields[0::4])
+                missing = [e for e in exts if e not in present]
+                if missing:
+                    key = fields[3].split(".", 1)[0]
+                    raise ValueError(f"{idx[:-4]}.tar: sample {key} has no {', '.join(missing)} member; the semantic "
+                                     "losses need detector outputs (tools/attach_detections.py adds them)")
 
 
 class ImageFileDecoder:

@@ -16,8 +16,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
+from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, detections_entry, normalised_boxes, npy_bytes
 from soho_ds.data.shards import index_shards
 
 COLOURS = {
@@ -38,6 +40,16 @@ BACKGROUNDS = {
 }
 
 
+# Detector vocabulary of the synthetic set: the shape is the object class; colour and size are
+# its attributes. The "region feature" is a fixed random projection of those three one-hots,
+# standing in for a detector's 2048-d pooled feature.
+OBJECT_CLASSES = list(SHAPES)
+ATTRIBUTE_CLASSES = sorted(COLOURS) + sorted(SIZES)
+REGION_FEATURE_DIM = 64
+_PROJECTION = np.random.default_rng(20230).standard_normal(
+    (len(OBJECT_CLASSES) + len(ATTRIBUTE_CLASSES), REGION_FEATURE_DIM)).astype(np.float32) / 3.0
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     shape: str
@@ -48,6 +60,20 @@ class ShapeObject:
     @property
     def centre(self) -> tuple[float, float]:
         return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    @property
+    def object_id(self) -> int:
+        return OBJECT_CLASSES.index(self.shape)
+
+    @property
+    def attribute_ids(self) -> list[int]:
+        return [ATTRIBUTE_CLASSES.index(self.colour), ATTRIBUTE_CLASSES.index(self.size)]
+
+    def region_feature(self) -> np.ndarray:
+        code = np.zeros(len(OBJECT_CLASSES) + len(ATTRIBUTE_CLASSES), dtype=np.float32)
+        code[self.object_id] = 1.0
+        code[[len(OBJECT_CLASSES) + a for a in self.attribute_ids]] = 1.0
+        return code @ _PROJECTION
 
     def phrase(self, with_size: bool = True) -> str:
         words = " ".join(([self.size] if with_size else []) + [self.colour, self.shape])
@@ -208,6 +234,10 @@ def write_split(out_dir: Path, num_images: int, samples_per_shard: int, image_si
             "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": list(o.box)}
                         for o in objects],
         }
+        meta["detections"] = detections_entry([o.box for o in objects], [o.object_id for o in objects],
+                                              [o.attribute_ids for o in objects], image_size, image_size)
+        boxes_npy = npy_bytes(normalised_boxes(meta["detections"]))
+        feats_npy = npy_bytes(np.stack([o.region_feature() for o in objects]).astype(np.float16))
         jpeg, js = _jpeg_bytes(img), json.dumps(meta).encode()
         if i in bad_at:
             kind = MALFORMED_KINDS[len(bad_keys) % len(MALFORMED_KINDS)]
@@ -223,6 +253,8 @@ def write_split(out_dir: Path, num_images: int, samples_per_shard: int, image_si
         if jpeg:
             _add(tar, f"{key}.jpg", jpeg)
         _add(tar, f"{key}.json", js)
+        _add(tar, f"{key}.{BOXES_EXT}", boxes_npy)
+        _add(tar, f"{key}.{FEATURES_EXT}", feats_npy)
         n_in_shard += 1
     tar.close()
     shards[-1]["num_samples"] = n_in_shard
@@ -239,6 +271,8 @@ def make_dataset(out: str | Path, num_train: int = 2000, num_val: int = 200, sam
         "image_size": image_size,
         "vocabulary": {"colours": sorted(COLOURS), "shapes": list(SHAPES), "sizes": sorted(SIZES),
                        "backgrounds": sorted(BACKGROUNDS)},
+        "detections": {"object_classes": OBJECT_CLASSES, "attribute_classes": ATTRIBUTE_CLASSES,
+                       "region_feature_dim": REGION_FEATURE_DIM},
         "splits": {
             "train": write_split(out / "train", num_train, samples_per_shard, image_size, seed, "tr", malformed),
             "val": write_split(out / "val", num_val, samples_per_shard, image_size, seed + 1, "va"),

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from soho_ds.models.heads import ITMHead, MLMHead, MVMHead
+from soho_ds.models.semantic import SemanticVisualHeads
 from soho_ds.models.soho import SohoModel
 from soho_ds.pretrain.objectives import IGNORE, classification_loss, gather_masked, sample_mvm_mask
-from soho_ds.runtime.config import ModelConfig, PretrainConfig
+from soho_ds.runtime.config import ModelConfig, PretrainConfig, SemanticConfig
 
 
 class SohoPretrainer(nn.Module):
-    def __init__(self, model_cfg: ModelConfig, cfg: PretrainConfig):
+    def __init__(self, model_cfg: ModelConfig, cfg: PretrainConfig, semantic: SemanticConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = SohoModel(model_cfg)
@@ -23,11 +24,14 @@ class SohoPretrainer(nn.Module):
         self.mlm_head = MLMHead(config, self.model.fusion.word_embeddings)
         self.itm_head = ITMHead(config.hidden_size)
         self.mvm_head = MVMHead(config, cfg.mvm_temperature) if model_cfg.use_vd and cfg.mvm_weight > 0 else None
+        self.semantic_heads = (SemanticVisualHeads(self.model.backbone.out_channels, semantic)
+                               if semantic is not None and semantic.enabled else None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, input_ids, image_index = batch["images"], batch["input_ids"], batch["image_index"]
-        tokens, vd_index, grid = self.model.image_tokens(images)  # once per image
+        grid_features = self.model.backbone(images)  # once per image
+        tokens, vd_index, grid = self.model.visual.quantise(grid_features)
         matched = batch["itm_labels"] == 1
         mvm_mask = None
         if self.mvm_head is not None:
@@ -63,5 +67,9 @@ class SohoPretrainer(nn.Module):
             out["vd/usage"] = self.model.visual_dictionary.usage.clone()
             out["vd/masked_frac"] = mvm_mask.float().mean()
             out["vd/restarts"] = self.model.visual_dictionary.restarts.float()
+        if self.semantic_heads is not None and "region_boxes" in batch:
+            semantic_total, semantic_out = self.semantic_heads(grid_features, batch, images.shape[-1])
+            out.update(semantic_out)
+            total = total + semantic_total
         out["loss"] = total
         return out

@@ -58,7 +58,7 @@ def seed_rank(cfg, dist_info) -> None:
 
 def pretrain(args: argparse.Namespace) -> dict[str, float]:
     cfg, ds, dist_info, logger = setup_run(args)
-    module = SohoPretrainer(cfg.model, cfg.pretrain)
+    module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
     if dist_info.device.type == "cuda" and dist_info.world_size > 1:
         # Before deepspeed.initialize, which casts the module to the compute dtype.
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

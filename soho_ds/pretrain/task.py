@@ -6,6 +6,7 @@ from typing import Iterator
 import torch
 
 from soho_ds.data.pipeline import ImageTextBatch, ShardLoader
+from soho_ds.data.regions import RegionSpec
 from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
 from soho_ds.runtime.config import RunConfig
 from soho_ds.runtime.dist import DistInfo
@@ -26,15 +27,20 @@ class PretrainTask:
         self.text = text_builder(cfg.train.seed * 1000 + dist_info.rank)
         self.val_seed = cfg.train.seed * 1000 + 500 + dist_info.rank
         self.val_text = text_builder(self.val_seed)
+        s = cfg.semantic
+        # Detector boxes are read only when a semantic visual loss is on.
+        self.regions = RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
         self.loader = ShardLoader(d.train_shards, micro_batch, d.image_size, dist_info.rank, dist_info.world_size,
                                   train=True, crop_scale=d.crop_scale, hflip_prob=d.hflip_prob,
                                   num_threads=d.num_threads, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
-                                  device=dist_info.device.type)
+                                  device=dist_info.device.type, regions=self.regions)
         self._val_loader = None
 
     def make_batch(self, raw: ImageTextBatch, builder: PretrainTextBuilder) -> dict[str, torch.Tensor]:
         batch = builder([m["captions"] for m in raw.metas])
         batch["images"] = raw.images
+        if raw.regions is not None:
+            batch.update(raw.regions.as_batch())
         return batch
 
     def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -57,7 +63,7 @@ class PretrainTask:
         if self._val_loader is None:
             self._val_loader = ShardLoader(d.val_shards, self.micro_batch, d.image_size, self.dist.rank,
                                            self.dist.world_size, train=False, num_threads=d.num_threads,
-                                           device=self.dist.device.type)
+                                           device=self.dist.device.type, regions=self.regions)
         self.val_text.generator.manual_seed(self.val_seed)
         was_training = module.training
         module.eval()
@@ -67,8 +73,10 @@ class PretrainTask:
                 # Drain the rest of the pass so the next evaluation starts from the beginning.
                 continue
             out = module(to_device(self.make_batch(raw, self.val_text), device, dtype))
-            for k in ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm"):
-                sums[k] = sums.get(k, 0) + out[k].float()
+            for k in ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm", "acc/object", "acc/attribute",
+                      "loss/region_feature"):
+                if k in out:
+                    sums[k] = sums.get(k, 0) + out[k].float()
             sums["batches"] = sums.get("batches", 0) + torch.ones((), device=device)
         module.train(was_training)
         n = sums.pop("batches")

@@ -102,6 +102,26 @@ class TrainConfig:
     seed: int = 42
 
 
+@dataclass(frozen=True)
+class SemanticConfig:
+    """Auxiliary semantic visual losses (Yang, Liu & Lin 2023): the CNN grid features pooled over
+    each offline detector box (RoIAlign) must predict that box's object class, its attributes and
+    the detector's own region feature. All off (weight 0) in SOHO configs; inference never uses them."""
+    object_weight: float = 0.0  # cross-entropy over the detector's object classes
+    attribute_weight: float = 0.0  # multi-label BCE over attribute classes
+    feature_weight: float = 0.0  # regression of the detector's region feature
+    feature_loss: str = "smooth_l1"  # smooth_l1 | cosine
+    num_objects: int = 1600  # Visual Genome BUTD vocabulary sizes
+    num_attributes: int = 400
+    feature_dim: int = 2048
+    roi_size: int = 2  # RoIAlign output is roi_size x roi_size, then averaged
+    max_boxes: int = 36  # per image, after augmentation; extra boxes are dropped
+
+    @property
+    def enabled(self) -> bool:
+        return self.object_weight > 0 or self.attribute_weight > 0 or self.feature_weight > 0
+
+
 TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
 
 
@@ -128,6 +148,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     source: str = "<defaults>"  # the YAML file this came from
@@ -204,7 +225,7 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
 
 
 def _validate(cfg: RunConfig) -> None:
-    m, d, p, t = cfg.model, cfg.data, cfg.pretrain, cfg.train
+    m, d, p, t, s = cfg.model, cfg.data, cfg.pretrain, cfg.train, cfg.semantic
     checks = [
         (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}"),
         (m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads"),
@@ -220,6 +241,11 @@ def _validate(cfg: RunConfig) -> None:
         (0 <= p.mvm_prob <= 1, "pretrain.mvm_prob", "must be in [0, 1]"),
         (0 <= p.itm_neg_prob < 1, "pretrain.itm_neg_prob", "must be in [0, 1)"),
         (p.mvm_temperature > 0, "pretrain.mvm_temperature", "must be positive"),
+        (min(s.object_weight, s.attribute_weight, s.feature_weight) >= 0, "semantic.*_weight",
+         "must be non-negative"),
+        (s.feature_loss in ("smooth_l1", "cosine"), "semantic.feature_loss", "must be smooth_l1 or cosine"),
+        (min(s.num_objects, s.num_attributes, s.feature_dim, s.roi_size, s.max_boxes) > 0,
+         "semantic.num_objects/num_attributes/feature_dim/roi_size/max_boxes", "must be positive"),
         (t.max_steps > 0, "train.max_steps", "must be positive"),
         (t.lr > 0, "train.lr", "must be positive"),
         (0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", "must be in [0, train.max_steps]"),

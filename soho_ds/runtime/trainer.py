@@ -29,9 +29,13 @@ class Task(Protocol):
     def rng_generators(self) -> dict[str, torch.Generator]: ...
 
 
+FP32_INPUTS = ("region_boxes",)  # coordinates: bf16 would move a box by up to a pixel at 256 px
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Moves a batch; floating tensors take the engine's compute dtype (the engine does not cast inputs)."""
-    return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() and k not in FP32_INPUTS else v.dtype,
+                    non_blocking=True)
             for k, v in batch.items()}
 
 

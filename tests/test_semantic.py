@@ -1,0 +1,251 @@
+"""Semantic visual losses: boxes through DALI augmentation, the three losses, empty images, the tool."""
+import base64
+import csv
+import json
+import math
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from soho_ds.data.pipeline import MEAN, STD, ShardLoader
+from soho_ds.data.regions import RegionSpec, RegionTargets
+from soho_ds.data.synthetic import ATTRIBUTE_CLASSES, COLOURS, OBJECT_CLASSES, REGION_FEATURE_DIM
+from soho_ds.models.semantic import SemanticVisualHeads, attribute_loss, object_loss, region_feature_loss
+from soho_ds.pretrain.model import SohoPretrainer
+from soho_ds.runtime.config import PretrainConfig, SemanticConfig
+
+from conftest import ROOT, tiny_model_config
+
+SPEC = RegionSpec(num_attributes=len(ATTRIBUTE_CLASSES), features=True)
+SEMANTIC = SemanticConfig(object_weight=1.0, attribute_weight=1.0, feature_weight=1.0, num_objects=len(OBJECT_CLASSES),
+                          num_attributes=len(ATTRIBUTE_CLASSES), feature_dim=REGION_FEATURE_DIM)
+
+
+def colour_under_boxes(images, regions, mirror=False):
+    """For each box: the palette colour nearest the median pixel of its central 30% (None: background)."""
+    pixels = images.permute(0, 2, 3, 1) * torch.tensor(STD) + torch.tensor(MEAN)  # (B, H, W, 3), 0-255
+    size = images.shape[-1]
+    names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+    found = []
+    for image_index, x0, y0, x1, y1 in regions.boxes.tolist():
+        if mirror:
+            x0, x1 = size - x1, size - x0
+        cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
+        ys = slice(int(cy - 0.15 * h), max(int(cy - 0.15 * h) + 1, int(math.ceil(cy + 0.15 * h))))
+        xs = slice(int(cx - 0.15 * w), max(int(cx - 0.15 * w) + 1, int(math.ceil(cx + 0.15 * w))))
+        median = pixels[int(image_index), ys, xs].reshape(-1, 3).median(0).values
+        dist = (palette - median).norm(dim=1)
+        found.append(names[int(dist.argmin())] if dist.min() < 60 else None)
+    return found
+
+
+def true_colours(metas, regions):
+    colours = []
+    for row, attrs in zip(regions.boxes.tolist(), regions.attributes):
+        colour_ids = [i for i in attrs.nonzero().flatten().tolist() if ATTRIBUTE_CLASSES[i] in COLOURS]
+        colours.append(ATTRIBUTE_CLASSES[colour_ids[0]])
+    return colours
+
+
+def test_boxes_follow_the_crop_resize_and_flip(synthetic_data):
+    loader = ShardLoader(str(synthetic_data / "train"), batch_size=16, image_size=96, train=True,
+                         crop_scale=(0.3, 1.0), hflip_prob=0.5, num_threads=1, seed=7, regions=SPEC)
+    hits = mirrored_hits = total = 0
+    for step, batch in zip(range(4), loader.forever()):
+        r = batch.regions
+        assert r.boxes.shape[1] == 5 and r.objects.shape == (len(r.boxes),)
+        assert r.attributes.shape == (len(r.boxes), len(ATTRIBUTE_CLASSES))
+        assert r.features.shape == (len(r.boxes), REGION_FEATURE_DIM)
+        assert (r.boxes[:, 1:] >= 0).all() and (r.boxes[:, 1:] <= 96).all()
+        truth = true_colours(batch.metas, r)
+        hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r), truth))
+        mirrored_hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r, mirror=True), truth))
+        total += len(truth)
+    assert total > 80
+    assert hits / total > 0.9, (hits, total)
+    # Control: had the boxes not been flipped with the image, far fewer would sit on their object.
+    assert mirrored_hits / total < 0.6, (mirrored_hits, total)
+
+
+def test_each_box_keeps_its_own_classes_and_feature(synthetic_data):
+    """The surviving boxes' targets are picked by the indices DALI reports: checked against the JSON."""
+    from soho_ds.data.synthetic import ShapeObject
+
+    loader = ShardLoader(str(synthetic_data / "val"), batch_size=8, image_size=64, train=False, num_threads=1,
+                         regions=SPEC)
+    batch = next(loader.epochs())
+    r = batch.regions
+    expected_rows = []
+    for i, meta in enumerate(batch.metas):
+        for obj in meta["objects"]:
+            o = ShapeObject(obj["shape"], obj["colour"], obj["size"], tuple(obj["box"]))
+            expected_rows.append((i, [v * 64 / meta["width"] for v in obj["box"]], o.object_id, o.attribute_ids,
+                                  o.region_feature()))
+    assert len(expected_rows) == len(r.boxes)
+    for (i, box, obj, attrs, feat), row, got_obj, got_attrs, got_feat in zip(
+            expected_rows, r.boxes, r.objects, r.attributes, r.features):
+        assert row[0] == i
+        torch.testing.assert_close(row[1:], torch.tensor(box), atol=0.01, rtol=0)
+        assert got_obj == obj and got_attrs.nonzero().flatten().tolist() == sorted(attrs)
+        np.testing.assert_allclose(got_feat.numpy(), feat, atol=2e-3)  # stored as float16
+
+
+def test_losses_against_hand_computed_values():
+    loss, acc = object_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
+    assert acc.item() == 0.5
+
+    loss, acc = attribute_loss(torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 1.0]]))
+    assert loss.item() == pytest.approx(math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(1)))
+    assert acc.item() == 0.0  # the top attribute (index 1) is not a true one
+
+    pred, target = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.5, 0.0]])
+    assert region_feature_loss(pred, target, "smooth_l1").item() == pytest.approx((0.5 * 0.25 + 1.5) / 2)
+    cos = region_feature_loss(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]]), "cosine")
+    assert cos.item() == pytest.approx(0.5)
+
+
+def test_roi_pooling_reads_the_grid_under_the_box():
+    heads = SemanticVisualHeads(1, SemanticConfig(object_weight=1.0, num_objects=2, roi_size=2))
+    grid = torch.zeros(2, 1, 8, 8)
+    grid[1, 0, 2:6, 2:6] = 5.0  # image 1, cells 2..5; image size 256 -> 32 px per cell
+    boxes = torch.tensor([[1, 96.0, 96.0, 160.0, 160.0],  # cells 3..5 of image 1: inside the patch
+                          [0, 96.0, 96.0, 160.0, 160.0],  # same place, image 0: zeros
+                          [1, 200.0, 0.0, 256.0, 40.0]])  # image 1, outside the patch
+    pooled = heads.pool(grid, boxes, image_size=256)
+    torch.testing.assert_close(pooled, torch.tensor([[5.0], [0.0], [0.0]]))
+
+
+def test_images_without_boxes_add_nothing_but_keep_every_head_in_the_graph():
+    metas = [{"key": "a", "detections": {"image_w": 64, "image_h": 64, "boxes": [], "object_ids": [],
+                                         "attribute_ids": []}},
+             {"key": "b", "detections": {"image_w": 64, "image_h": 64, "boxes": [[0, 0, 32, 32]], "object_ids": [1],
+                                         "attribute_ids": [[0, 2]]}}]
+    boxes = np.array([[[-1, -1, -1, -1]], [[0, 0, 0.5, 0.5]]], dtype=np.float32)
+    kept = np.array([[-1], [0]])
+    r = RegionTargets.build(metas, boxes, kept, None, image_size=64, num_attributes=3, max_boxes=36)
+    assert r.boxes.tolist() == [[1.0, 0.0, 0.0, 32.0, 32.0]] and r.objects.tolist() == [1]
+    assert r.attributes.tolist() == [[1.0, 0.0, 1.0]] and r.features is None
+
+    cfg = SemanticConfig(object_weight=1.0, attribute_weight=1.0, feature_weight=1.0, num_objects=2,
+                         num_attributes=3, feature_dim=4)
+    heads = SemanticVisualHeads(8, cfg)
+    grid = torch.randn(2, 8, 2, 2, requires_grad=True)
+    batch = {"region_boxes": r.boxes, "region_objects": r.objects, "region_attributes": r.attributes,
+             "region_features": torch.ones(1, 4)}
+    total, out = heads(grid, batch, image_size=64)
+    total.backward()
+    assert grid.grad[0].abs().sum() == 0 and grid.grad[1].abs().sum() > 0  # image a has no box: no signal
+
+    grid.grad = None
+    heads.zero_grad()
+    empty = {"region_boxes": torch.zeros(0, 5), "region_objects": torch.zeros(0, dtype=torch.long),
+             "region_attributes": torch.zeros(0, 3), "region_features": torch.zeros(0, 4)}
+    total, out = heads(grid, empty, image_size=64)
+    assert total.item() == 0.0 and out["semantic/boxes_per_image"].item() == 0.0
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in heads.parameters())
+
+
+def test_pretrainer_adds_the_weighted_semantic_terms(synthetic_data, tokenizer):
+    from soho_ds.data.text import PretrainTextBuilder
+
+    loader = ShardLoader(str(synthetic_data / "val"), batch_size=4, image_size=64, train=False, num_threads=1,
+                         regions=SPEC)
+    raw = next(loader.epochs())
+    batch = PretrainTextBuilder(tokenizer, 24, 2, 0.15, 0.5, seed=0)([m["captions"] for m in raw.metas])
+    batch["images"] = raw.images
+    batch.update(raw.regions.as_batch())
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(), SEMANTIC).train()
+    out = model(batch)
+    assert {"loss/object", "loss/attribute", "loss/region_feature", "acc/object", "acc/attribute"} <= set(out)
+    soho = sum(w * out[k] for w, k in ((1.0, "loss/itm"), (1.0, "loss/mlm"), (1.0, "loss/mvm")))
+    semantic = out["loss/object"] + out["loss/attribute"] + out["loss/region_feature"]
+    torch.testing.assert_close(out["loss"], soho + semantic)
+    out["loss"].backward()
+    assert model.model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
+    # Off by default: the SOHO model has no semantic heads at all.
+    assert SohoPretrainer(tiny_model_config(), PretrainConfig()).semantic_heads is None
+
+
+def test_loader_refuses_shards_without_detections(tmp_path, synthetic_data):
+    from soho_ds.data.shards import index_shards
+
+    src = sorted((synthetic_data / "val").glob("*.tar"))[0]
+    dst = tmp_path / "000000.tar"
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            if not m.name.endswith(".npy"):
+                tout.addfile(m, tin.extractfile(m))
+    index_shards(str(tmp_path))
+    with pytest.raises(ValueError, match=r"000000\.tar: sample va\d+ has no boxes\.npy, feats\.npy member"):
+        ShardLoader(str(tmp_path), batch_size=4, image_size=64, train=True, num_threads=1, regions=SPEC)
+
+
+def _b64(array, dtype):
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
+
+
+def test_attach_detections_from_butd_tsv_and_npz(tmp_path, synthetic_data):
+    """Both detector formats round-trip into shards that the region loader reads back."""
+    from soho_ds.data.shards import list_shards
+
+    shard = list_shards(str(synthetic_data / "val"))[0]
+    with tarfile.open(shard) as tar:
+        keys = sorted(m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json"))
+    rng = np.random.default_rng(0)
+    truth = {}
+    tsv = tmp_path / "dets.tsv"
+    npz_dir = tmp_path / "npz"
+    npz_dir.mkdir()
+    with open(tsv, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        for i, key in enumerate(keys[:-1]):  # the last image has no detections
+            n = i % 3  # 0, 1 or 2 boxes
+            x0, y0 = rng.uniform(0, 30, (2, n))
+            boxes = np.stack([x0, y0, x0 + 20, y0 + 25], 1).astype(np.float32)  # 64 px image
+            objects, attrs, conf = rng.integers(0, 4, n), rng.integers(0, 8, n), np.where(np.arange(n) % 2, 0.9, 0.05)
+            feats = rng.standard_normal((n, 6)).astype(np.float32)
+            truth[key] = (boxes, objects, [[int(a)] if c >= 0.5 else [] for a, c in zip(attrs, conf)], feats)
+            # LXMERT column order: height before width
+            writer.writerow([key, 64, 64, _b64(objects, np.int64), _b64(np.ones(n), np.float32), _b64(attrs, np.int64),
+                             _b64(conf, np.float32), n, _b64(boxes, np.float32), _b64(feats, np.float32)])
+            np.savez_compressed(npz_dir / f"{key}.npz", x=feats, bbox=boxes, num_bbox=n, image_h=64, image_w=64,
+                                info={"objects_id": objects, "objects_conf": np.ones(n), "attrs_id": attrs,
+                                      "attrs_conf": conf})
+    for source, out in ((tsv, tmp_path / "from_tsv"), (npz_dir, tmp_path / "from_npz")):
+        subprocess.run([sys.executable, str(ROOT / "tools/attach_detections.py"), "--shards", shard, "--out", str(out),
+                        "--detections", str(source), "--attr-threshold", "0.5"], check=True, capture_output=True)
+        loader = ShardLoader(str(out), batch_size=len(keys), image_size=64, train=False, num_threads=1,
+                             regions=RegionSpec(num_attributes=8, features=True, max_boxes=36))
+        batch = next(loader.epochs())
+        r = batch.regions
+        assert len(batch.metas) == len(keys)  # nothing dropped, with or without detections
+        rows = 0
+        for i, meta in enumerate(batch.metas):
+            if meta["key"] not in truth:
+                assert meta["detections"]["boxes"] == [] and (r.boxes[:, 0] == i).sum() == 0
+                continue
+            boxes, objects, attrs, feats = truth[meta["key"]]
+            mine = r.boxes[:, 0] == i
+            rows += int(mine.sum())
+            torch.testing.assert_close(r.boxes[mine, 1:], torch.from_numpy(boxes), atol=0.02, rtol=0)
+            assert r.objects[mine].tolist() == objects.tolist()
+            assert [a.nonzero().flatten().tolist() for a in r.attributes[mine]] == attrs
+            np.testing.assert_allclose(r.features[mine].numpy(), feats, atol=5e-3, rtol=1e-3)
+            assert meta["detections"]["object_ids"] == objects.tolist()
+        assert rows == sum(len(t[0]) for t in truth.values()) > 0
+
+
+def test_attach_detections_rejects_a_broken_tsv_line(tmp_path, synthetic_data):
+    from soho_ds.data.detections import TsvDetections
+
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("img1\t64\t64\t3\n")
+    with pytest.raises(ValueError, match=r"bad\.tsv: image img1: 4 tab-separated fields"):
+        TsvDetections(tsv).get("img1")

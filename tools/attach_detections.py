@@ -1,0 +1,35 @@
+"""Attach offline detector outputs (boxes, object and attribute ids, region features) to shards.
+
+    python tools/attach_detections.py --shards data/coco_vg/train --out data/coco_vg_det/train \
+        --detections trainval_resnet101_faster_rcnn_genome_36.tsv      # BUTD / LXMERT TSV
+    python tools/attach_detections.py --shards ... --out ... --detections features_npz/  # <image_id>.npz
+
+Samples are matched by their JSON "image_id" (else their key). Formats: soho_ds/data/detections.py.
+"""
+import argparse
+import json
+import logging
+
+from soho_ds.data.detections import attach_detections, open_detections
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="input shards: folder, glob or comma-separated .tar files")
+    p.add_argument("--out", required=True, help="output folder for the new shards (+ DALI index files)")
+    p.add_argument("--detections", required=True, help="a BUTD/LXMERT .tsv file or a folder of <image_id>.npz")
+    p.add_argument("--attr-threshold", type=float, default=0.0,
+                   help="keep attributes whose confidence reaches this (when the file has confidences)")
+    p.add_argument("--no-features", action="store_true", help="do not store region features (.feats.npy)")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = attach_detections(a.shards, a.out, open_detections(a.detections, a.attr_threshold),
+                               features=not a.no_features)
+    missing = report.pop("without_detections")
+    logging.info("%s", json.dumps({**report, "without_detections": len(missing)}))
+    for name in missing[:20]:
+        logging.info("no detections for %s (kept, with no boxes)", name)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from soho_ds.runtime.config import ConfigError, check_batch_arithmetic, load_config, load_ds_config
+from soho_ds.runtime.config import ConfigError, load_config, load_ds_config, resolve_batch
 from soho_ds.runtime.engine import lr_factor, param_groups, resolve_precision
 from soho_ds.runtime.config import TrainConfig
 
@@ -65,10 +65,22 @@ def test_deepspeed_config_is_checked(tmp_path):
         load_ds_config(write(tmp_path, "{broken", "ds.json"))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is required"):
         load_ds_config(write(tmp_path, json.dumps({"train_batch_size": 8}), "ds.json"))
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16}
-    assert check_batch_arithmetic(ds, 2, "ds.json") == 16
-    with pytest.raises(ConfigError, match=r"ds.json: train_batch_size 16 != .* = 24"):
-        check_batch_arithmetic(ds, 3, "ds.json")
+
+
+
+def test_global_batch_is_the_configured_one_at_every_world_size():
+    ds = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 48}
+    for world, accum in ((1, 12), (2, 6), (3, 4), (4, 3), (12, 1)):
+        got = resolve_batch(ds, world, "ds.json")
+        assert (got["train_batch_size"], got["gradient_accumulation_steps"]) == (48, accum)
+    with pytest.raises(ConfigError, match=r"ds.json: train_batch_size 48 is not a multiple of micro-batch 4 x world "
+                                          r"size 5"):
+        resolve_batch(ds, 5, "ds.json")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps 2 contradicts"):
+        resolve_batch({**ds, "gradient_accumulation_steps": 2}, 2, "ds.json")
+    # Without a global batch, DeepSpeed's own rule: it grows with the world.
+    got = resolve_batch({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 3, "ds.json")
+    assert (got["train_batch_size"], got["gradient_accumulation_steps"]) == (24, 2)
 
 
 def test_precision_resolution():

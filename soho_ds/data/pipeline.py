@@ -60,13 +60,17 @@ def _augment_with_boxes(encoded, boxes, image_size, crop_scale, hflip_prob, deco
 
 @pipeline_def
 def _image_json_pipeline(paths, index_paths, shard_id, num_shards, image_size, train, crop_scale, hflip_prob,
-                         decode_device, shuffle_buffer, regions, region_features):
+                         decode_device, shuffle_buffer, regions, region_features, reader_seed, pad_last_batch):
     ext = ["jpg", "json"] + ([BOXES_EXT] if regions else []) + ([FEATURES_EXT] if region_features else [])
     members = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=ext,
         shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=train, initial_fill=shuffle_buffer,
-        pad_last_batch=True, missing_component_behavior="error",
+        # Training: the order of the tar files is reshuffled every epoch from (seed, epoch), the same
+        # on every rank, and each rank then reads its own contiguous slice of that order, so the
+        # ranks' slices are disjoint and cover the epoch; samples are also mixed in a buffer.
+        random_shuffle=train and shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer),
+        shuffle_after_epoch=train, shuffle_after_epoch_seed=reader_seed if train else None, seed=reader_seed,
+        pad_last_batch=pad_last_batch, missing_component_behavior="error",
         dtypes=[types.UINT8] * len(ext), name=READER_NAME)
     jpegs, meta = members[0], members[1]
     if not regions:
@@ -114,7 +118,7 @@ class ShardLoader:
     def __init__(self, shards: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  train: bool = True, crop_scale=(0.5, 1.0), hflip_prob: float = 0.5, num_threads: int = 2,
                  seed: int = 0, shuffle_buffer: int = 1024, device: str | None = None,
-                 regions: RegionSpec | None = None):
+                 regions: RegionSpec | None = None, checkpoint: str | None = None):
         self.paths = list_shards(shards)
         self.image_size, self.regions = image_size, regions
         index_paths = [p[: -len(".tar")] + ".idx" for p in self.paths]
@@ -127,12 +131,19 @@ class ShardLoader:
             image_size=image_size, train=train, crop_scale=crop_scale, hflip_prob=hflip_prob,
             decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
             regions=regions is not None, region_features=bool(regions and regions.features),
-            batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + rank,
-            prefetch_queue_depth=2)
+            reader_seed=seed, pad_last_batch=not train,
+            # augmentation randomness differs per rank; the reader's shard order does not
+            batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 1 + rank,
+            prefetch_queue_depth=2,
+            # DALI's own checkpointing: reader position and every random operator's state, so a
+            # resumed run sees exactly the batches the interrupted one would have seen.
+            enable_checkpointing=train, checkpoint=checkpoint)
         self.pipe.build()
         # PARTIAL for evaluation: each rank returns exactly its own samples, no padding repeats.
-        # DROP for training: only full batches, so every step has the configured micro-batch.
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+        # FILL (without padding) for training: an epoch's last, short batch is completed with the
+        # next epoch's first samples, so every step has the full micro-batch and no sample of an
+        # epoch is lost or repeated.
+        policy = LastBatchPolicy.FILL if train else LastBatchPolicy.PARTIAL
         outputs = ["images", "meta"]
         if regions is not None:
             outputs += ["boxes"] + (["kept"] if train else []) + (["features"] if regions.features else [])
@@ -141,6 +152,10 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return len(self.iterator)
+
+    def checkpoint(self) -> str:
+        """The pipeline state after the batches consumed so far (DALI accounts for prefetching)."""
+        return self.iterator.checkpoints()[0]
 
     def _convert(self, out: dict) -> ImageTextBatch:
         meta = out["meta"].numpy()
@@ -158,12 +173,18 @@ class ShardLoader:
         return ImageTextBatch(out["images"], metas, regions)
 
     def epochs(self):
+        """One pass over this rank's slice (evaluation)."""
         for out in self.iterator:
             yield self._convert(out[0])
 
     def forever(self):
+        """Training stream: epoch after epoch with no gap (the iterator resets itself)."""
         while True:
-            yield from self.epochs()
+            try:
+                out = next(self.iterator)
+            except StopIteration:
+                continue
+            yield self._convert(out[0])
 
 
 def _require_members(index_paths: list[str], exts: list[str]) -> None:

@@ -11,8 +11,9 @@ import yaml
 from soho_ds.models.soho import count_parameters
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.pretrain.task import PretrainTask
-from soho_ds.runtime.config import check_batch_arithmetic, load_config, load_ds_config
-from soho_ds.runtime.dist import init_distributed
+from soho_ds.runtime import checkpoint
+from soho_ds.runtime.config import load_config, load_ds_config, resolve_batch
+from soho_ds.runtime.dist import fail_fast_on_peer_loss, init_distributed
 from soho_ds.runtime.engine import PRECISIONS, build_engine, resolve_precision
 from soho_ds.runtime.log import RunLogger, setup_console
 from soho_ds.runtime.trainer import Trainer
@@ -38,10 +39,13 @@ def setup_run(args: argparse.Namespace):
     if not args.deepspeed_config:
         raise SystemExit("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
     ds = load_ds_config(args.deepspeed_config)
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.train.collective_timeout_s)
     setup_console(dist_info.rank, dist_info.world_size, dist_info.local_rank)
-    check_batch_arithmetic(ds, dist_info.world_size, args.deepspeed_config)
+    ds = resolve_batch(ds, dist_info.world_size, args.deepspeed_config)
     ds = resolve_precision(ds, dist_info.device.type, args.precision)
+    if args.resume:
+        ds = checkpoint.prepare_resume(f"{cfg.train.output_dir}/checkpoints", ds, dist_info.world_size,
+                                       dist_info.rank)
     logger = RunLogger(f"{cfg.train.output_dir}/tensorboard", dist_info.rank)
     logger.text("config/run", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
     logger.text("config/deepspeed", "```\n" + yaml.safe_dump(ds, sort_keys=False) + "\n```")
@@ -67,11 +71,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
     engine = build_engine(module, cfg.train, ds)
     seed_rank(cfg, dist_info)
     task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu())
-    log.info("world size %d, micro-batch %d x accumulation %d = global batch %d images; precision %s; "
-             "TensorBoard: %s", dist_info.world_size, engine.train_micro_batch_size_per_gpu(),
-             engine.gradient_accumulation_steps(), engine.train_batch_size(),
-             "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else "fp32", logger.log_dir)
-    metrics = Trainer(engine, task, cfg, logger, dist_info).fit(resume=args.resume)
+    with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
+        metrics = Trainer(engine, task, cfg, logger, dist_info).fit(resume=args.resume)
     if "acc/itm" in metrics:
         log.info("held-out ITM accuracy %.3f (chance 0.500 with %.0f%% negatives), MLM accuracy %.3f",
                  metrics["acc/itm"], 100 * cfg.pretrain.itm_neg_prob, metrics["acc/mlm"])

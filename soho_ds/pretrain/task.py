@@ -30,11 +30,24 @@ class PretrainTask:
         s = cfg.semantic
         # Detector boxes are read only when a semantic visual loss is on.
         self.regions = RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
-        self.loader = ShardLoader(d.train_shards, micro_batch, d.image_size, dist_info.rank, dist_info.world_size,
-                                  train=True, crop_scale=d.crop_scale, hflip_prob=d.hflip_prob,
-                                  num_threads=d.num_threads, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
-                                  device=dist_info.device.type, regions=self.regions)
+        self.loader = self._train_loader(cfg.train.seed)
         self._val_loader = None
+
+    def _train_loader(self, seed: int, checkpoint: str | None = None) -> ShardLoader:
+        d = self.cfg.data
+        return ShardLoader(d.train_shards, self.micro_batch, d.image_size, self.dist.rank, self.dist.world_size,
+                           train=True, crop_scale=d.crop_scale, hflip_prob=d.hflip_prob, num_threads=d.num_threads,
+                           seed=seed, shuffle_buffer=d.shuffle_buffer, device=self.dist.device.type,
+                           regions=self.regions, checkpoint=checkpoint)
+
+    def data_state(self) -> dict:
+        return {"dali": self.loader.checkpoint()}
+
+    def load_data_state(self, state: dict | None, step: int) -> None:
+        """Continues the data stream where `state` left it; with None (the world size changed, so
+        the old per-rank positions mean nothing) a fresh order seeded by the step."""
+        self.loader = (self._train_loader(self.cfg.train.seed, state["dali"]) if state is not None
+                       else self._train_loader(self.cfg.train.seed + step))
 
     def make_batch(self, raw: ImageTextBatch, builder: PretrainTextBuilder) -> dict[str, torch.Tensor]:
         batch = builder([m["captions"] for m in raw.metas])

@@ -100,6 +100,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
     seed: int = 42
+    collective_timeout_s: float = 600.0  # a rank that dies or hangs fails the others after this long
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ def _validate(cfg: RunConfig) -> None:
         (0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", "must be in [0, train.max_steps]"),
         (t.lr_decay in ("linear", "cosine", "constant"), "train.lr_decay", "must be linear, cosine or constant"),
         (t.log_every > 0, "train.log_every", "must be positive"),
+        (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -325,13 +327,26 @@ def load_ds_config(path: str | Path) -> dict:
     return ds
 
 
-def check_batch_arithmetic(ds: dict, world_size: int, source: str) -> int:
-    """Global batch = micro-batch x accumulation x world size; returns it."""
+def resolve_batch(ds: dict, world_size: int, source: str) -> dict:
+    """Makes the global batch what the config says at any world size.
+
+    With `train_batch_size` in the JSON (the recommended form), accumulation is derived:
+    train_batch_size = micro-batch x accumulation x world size, refused if it does not divide.
+    Without it, the global batch is micro-batch x accumulation x world size and grows with the
+    world. Returns the DeepSpeed config with all three values explicit.
+    """
     micro = ds["train_micro_batch_size_per_gpu"]
-    accum = ds.get("gradient_accumulation_steps", 1)
-    glob = micro * accum * world_size
-    if "train_batch_size" in ds and ds["train_batch_size"] != glob:
-        raise ConfigError(
-            f"{source}: train_batch_size {ds['train_batch_size']} != micro-batch {micro} x accumulation "
-            f"{accum} x world size {world_size} = {glob}")
-    return glob
+    if "train_batch_size" in ds:
+        glob = ds["train_batch_size"]
+        accum, rest = divmod(glob, micro * world_size)
+        if rest or accum == 0:
+            raise ConfigError(f"{source}: train_batch_size {glob} is not a multiple of micro-batch {micro} x world "
+                              f"size {world_size}: choose a global batch divisible by {micro * world_size}")
+        if ds.get("gradient_accumulation_steps", accum) != accum:
+            raise ConfigError(f"{source}: gradient_accumulation_steps {ds['gradient_accumulation_steps']} contradicts "
+                              f"train_batch_size {glob} = micro-batch {micro} x world size {world_size} x {accum}; "
+                              "leave accumulation out to have it derived")
+    else:
+        accum = ds.get("gradient_accumulation_steps", 1)
+        glob = micro * accum * world_size
+    return {**ds, "train_batch_size": glob, "gradient_accumulation_steps": accum}

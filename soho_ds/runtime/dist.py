@@ -1,6 +1,8 @@
 """Process-group set-up: the same code for one CPU process, local ranks, and GPU nodes."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -33,7 +35,14 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Joins (or, when started without a launcher, creates) the process group.
 
     NCCL with CUDA, gloo on the CPU. A plain `python launch/...py` becomes a world of one.
+    `timeout_s` bounds every collective, ZeRO's included: DeepSpeed creates its gradient-
+    reduction groups with torch's default timeout (30 min), not the one given here, so the
+    default itself is set too (before any group exists).
     """
+    timeout = timedelta(seconds=timeout_s)
+    dist.distributed_c10d.default_pg_timeout = timeout
+    if hasattr(dist.distributed_c10d, "default_pg_nccl_timeout"):
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if "RANK" not in os.environ:  # not started by deepspeed/torchrun: a single process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -42,7 +51,29 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
                                    verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died or stopped responding; raised instead of waiting for it forever."""
+
+
+@contextlib.contextmanager
+def fail_fast_on_peer_loss(rank: int, timeout_s: float):
+    """Turns the backend's errors when a peer dies (connection closed/reset) or hangs (collective
+    timeout) into one clear `PeerFailure`, so the launcher sees this rank exit at once."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
+        text = str(e).lower()
+        if not any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset",
+                                       "broken pipe", "peer")):
+            raise
+        msg = (f"rank {rank}: a collective failed ({str(e).splitlines()[0][:200]}); another rank has died or "
+               f"has not answered within train.collective_timeout_s = {timeout_s:g} s. Stopping this rank; "
+               "resume with --resume from the last complete checkpoint.")
+        logging.getLogger("soho_ds").error(msg)
+        raise PeerFailure(msg) from e

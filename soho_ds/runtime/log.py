@@ -1,9 +1,11 @@
 """One logging path: console lines and TensorBoard scalars, written by global rank 0 only."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
+from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -29,6 +31,13 @@ class RunLogger:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def record(self, path: str, entry: dict) -> None:
+        """Appends one JSON line (evaluation results, for scripts; TensorBoard has the same scalars)."""
+        if self.writer is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def text(self, tag: str, body: str) -> None:
         if self.writer is not None:

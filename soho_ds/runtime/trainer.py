@@ -28,6 +28,10 @@ class Task(Protocol):
 
     def rng_generators(self) -> dict[str, torch.Generator]: ...
 
+    def data_state(self) -> dict: ...  # this rank's position in its data stream
+
+    def load_data_state(self, state: dict | None, step: int) -> None: ...
+
 
 FP32_INPUTS = ("region_boxes",)  # coordinates: bf16 would move a box by up to a pixel at 256 px
 
@@ -54,9 +58,12 @@ class Trainer:
         self.engine, self.task, self.cfg, self.logger, self.dist = engine, task, cfg, logger, dist_info
         self.dtype = compute_dtype(engine)
         self.ckpt_dir = f"{cfg.train.output_dir}/checkpoints"
+        self.eval_log = f"{cfg.train.output_dir}/eval.jsonl"
+        self.train_log = f"{cfg.train.output_dir}/train.jsonl"
+        self._t_fit = time.time()
 
-    def _client_state(self) -> dict:
-        return {"rng": checkpoint.rng_state(self.task.rng_generators())}
+    def _rank_state(self) -> dict:
+        return {"rng": checkpoint.rng_state(self.task.rng_generators()), "data": self.task.data_state()}
 
     def check_replicas(self) -> None:
         """Every rank must hold the same weights and VD table; checked at each checkpoint (one all_gather)."""
@@ -74,27 +81,40 @@ class Trainer:
 
     def save(self, step: int) -> None:
         self.check_replicas()
-        checkpoint.save(self.engine, self.ckpt_dir, step, self._client_state(), self.cfg.to_dict())
+        checkpoint.save(self.engine, self.ckpt_dir, step, self._rank_state(), self.cfg.to_dict())
+        self.logger.info("state digest @ step %d: %s", step, checkpoint.format_digest(checkpoint.state_digest(self.engine)))
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self.task.evaluate(self.engine.module, self.dist.device, self.dtype)
         self.logger.scalars(step, {f"val/{k}": v for k, v in metrics.items()})
         self.logger.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        self.logger.record(self.eval_log, {"step": step, "wall_s": round(time.time() - self._t_fit, 1), **metrics})
         return metrics
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         engine, t = self.engine, self.cfg.train
         if resume:
-            state = checkpoint.resume(engine, self.ckpt_dir)
-            if state is not None:
-                checkpoint.set_rng_state(state["rng"], self.task.rng_generators())
+            resumed = checkpoint.resume(engine, self.ckpt_dir)
+            if resumed is not None:
+                _, own = resumed
+                if own is not None:
+                    checkpoint.set_rng_state(own["rng"], self.task.rng_generators())
+                self.task.load_data_state(own and own["data"], engine.global_steps)
+                self.logger.info("state digest @ step %d: %s", engine.global_steps, checkpoint.format_digest(checkpoint.state_digest(engine)))
         start = step = engine.global_steps
+        self._t_fit = time.time()
         batches = self.task.train_batches()
         running: dict[str, torch.Tensor] = {}
         micro_steps = 0
         t_start = t_last = time.time()
         images = 0
-        self.logger.info("training from step %d to %d", step, t.max_steps)
+        self.logger.info("training from step %d to %d; world size %d, micro-batch %d x accumulation %d = global "
+                         "batch %d; precision %s; learning-rate schedule in steps of the global batch; TensorBoard: %s",
+                         step, t.max_steps, self.dist.world_size, engine.train_micro_batch_size_per_gpu(),
+                         engine.gradient_accumulation_steps(), engine.train_batch_size(),
+                         {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32"), self.logger.log_dir)
+        self.logger.scalars(step, {"train/global_batch": engine.train_batch_size(),
+                                   "train/grad_accumulation": engine.gradient_accumulation_steps()})
         first = None
         while step < t.max_steps:
             out = engine(to_device(next(batches), self.dist.device, self.dtype))
@@ -114,6 +134,7 @@ class Trainer:
                 values.update({"train/lr": engine.get_lr()[0], "perf/img_per_s": img_per_s,
                                "train/loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0))})
                 self.logger.scalars(step, values)
+                self.logger.record(self.train_log, {"step": step, **values})
                 first = first or values
                 eta = (now - t_start) / (step - start) * (t.max_steps - step)
                 terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())

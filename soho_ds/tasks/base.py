@@ -131,7 +131,7 @@ class ExampleTask(ABC):
         d = cfg.data
         self.tokenizer = load_tokenizer(d.tokenizer_dir)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist_info.rank)
-        self.epoch = 0
+        self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         device = dist_info.device.type
         self.train_images = ImageFileDecoder(d.image_size, micro_batch * 2, train=True, crop_scale=d.crop_scale,
                                              hflip_prob=d.hflip_prob, num_threads=d.num_threads,
@@ -169,9 +169,20 @@ class ExampleTask(ABC):
         while True:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch))
             mine = order[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank].tolist()
-            for start in range(0, per_rank - B + 1, B):
+            for start in range(self.batch_in_epoch * B, per_rank - B + 1, B):
+                self.batch_in_epoch += 1  # counted before the yield: the state after this batch
                 yield self.collate([self.train_examples[i] for i in mine[start:start + B]], train=True)
-            self.epoch += 1
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def data_state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_data_state(self, state: dict | None, step: int) -> None:
+        """Continues at the saved (epoch, batch); with None (new world size) at the next epoch."""
+        if state is None:
+            self.epoch, self.batch_in_epoch = self.epoch + 1 + step, 0
+        else:
+            self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
 
     def rng_generators(self) -> dict[str, torch.Generator]:
         return {"task": self.generator}

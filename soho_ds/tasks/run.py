@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from soho_ds.pretrain.run import add_run_arguments, seed_rank, setup_run
+from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
 from soho_ds.runtime.trainer import Trainer
 from soho_ds.tasks.nlvr2 import NLVR2Task
@@ -37,7 +38,8 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
     engine = build_engine(module, cfg.train, ds)
     seed_rank(cfg, dist_info)
     trainer = Trainer(engine, task, cfg, logger, dist_info)
-    metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
+    with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
+        metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
     log.info("%s: %s", task_name, "  ".join(f"{k} {metrics[k]:.2f} (chance {task.chance()[k]:.2f})"
                                             for k in sorted(metrics) if k in task.chance()))
     return metrics

@@ -98,6 +98,9 @@ def test_losses_against_hand_computed_values():
     loss, acc = object_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
     assert acc.item() == 0.5
+    # class -1 (unknown) counts for neither loss nor accuracy
+    loss, acc = object_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, -1]))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2))) and acc.item() == 1.0
 
     loss, acc = attribute_loss(torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 1.0]]))
     assert loss.item() == pytest.approx(math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(1)))

@@ -17,9 +17,12 @@ from soho_ds.runtime.config import SemanticConfig
 
 
 def object_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over object classes, and top-1 accuracy. logits (R, C), labels (R,)."""
-    loss = F.cross_entropy(logits.float(), labels)
-    return loss, (logits.argmax(-1) == labels).float().mean()
+    """Cross-entropy over object classes, and top-1 accuracy. logits (R, C), labels (R,); label -1
+    (class unknown, e.g. a detector file without class ids) is left out of both."""
+    valid = labels >= 0
+    n = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    return (ce * valid).sum() / n, ((logits.argmax(-1) == labels) & valid).sum().float() / n
 
 
 def attribute_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,23 +70,25 @@ class SemanticVisualHeads(nn.Module):
         out: dict[str, torch.Tensor] = {}
         total = pooled.new_zeros((), dtype=torch.float32)
         scale = 0.0 if empty else 1.0
-        if self.object_head is not None:
-            logits = self.object_head(pooled)
-            labels = batch["region_objects"] if not empty else logits.new_zeros(1, dtype=torch.long)
-            loss, acc = object_loss(logits, labels)
-            out["loss/object"], out["acc/object"] = loss * scale, acc * scale
-            total = total + cfg.object_weight * out["loss/object"]
-        if self.attribute_head is not None:
-            logits = self.attribute_head(pooled)
-            targets = batch["region_attributes"] if not empty else torch.zeros_like(logits)
-            loss, acc = attribute_loss(logits, targets)
-            out["loss/attribute"], out["acc/attribute"] = loss * scale, acc * scale
-            total = total + cfg.attribute_weight * out["loss/attribute"]
-        if self.feature_head is not None:
-            predicted = self.feature_head(pooled)
-            target = batch["region_features"] if not empty else torch.zeros_like(predicted)
-            out["loss/region_feature"] = region_feature_loss(predicted, target, cfg.feature_loss) * scale
-            total = total + cfg.feature_weight * out["loss/region_feature"]
+        terms = (("object", self.object_head, "region_objects", cfg.object_weight, object_loss),
+                 ("attribute", self.attribute_head, "region_attributes", cfg.attribute_weight, attribute_loss),
+                 ("region_feature", self.feature_head, "region_features", cfg.feature_weight,
+                  lambda p, t: (region_feature_loss(p, t, cfg.feature_loss), None)))
+        for name, head, key, weight, loss_fn in terms:
+            if head is None:
+                continue
+            prediction = head(pooled)
+            if not empty:
+                target = batch[key]
+            elif key == "region_objects":
+                target = torch.zeros(1, dtype=torch.long, device=prediction.device)
+            else:
+                target = torch.zeros_like(prediction)
+            loss, acc = loss_fn(prediction, target)
+            out[f"loss/{name}"] = loss * scale
+            if acc is not None:
+                out[f"acc/{name}"] = acc * scale
+            total = total + weight * out[f"loss/{name}"]
         out["semantic/boxes_per_image"] = grid.new_tensor(0.0 if empty else boxes.shape[0] / grid.shape[0],
                                                           dtype=torch.float32)
         return total, out

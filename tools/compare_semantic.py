@@ -76,6 +76,7 @@ def main() -> None:
         for s in steps:
             e = evals[s]
             rows.append({"step": s, "wall_s": e["wall_s"], "itm_acc": e["acc/itm"], "mlm_acc": e["acc/mlm"],
+                         "object_acc": e.get("acc/object"), "attribute_acc": e.get("acc/attribute"),
                          **finetune(f"{run.name}_{s}", run / "checkpoints" / f"step_{s:08d}")})
         results["arms"][arm] = {"config": config, "rows": rows, "total_s": round(time.time() - t0, 1)}
     results["random_init"] = finetune("random_init", None)
@@ -85,14 +86,18 @@ def main() -> None:
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    lines = ["| arm | step | wall-clock s | held-out ITM acc | retrieval t2i R@1 | i2t R@1 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    def acc(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["| arm | step | wall-clock s | held-out ITM acc | MLM acc | box object acc | box attribute acc "
+             "| retrieval t2i R@1 | i2t R@1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results["arms"].items():
         for row in r["rows"]:
             lines.append(f"| {arm} | {row['step']} | {row['wall_s']:.0f} | {row['itm_acc']:.3f} | "
+                         f"{row['mlm_acc']:.3f} | {acc(row.get('object_acc'))} | {acc(row.get('attribute_acc'))} | "
                          f"{row['t2i_r1']:.1f} | {row['i2t_r1']:.1f} |")
     ri = results["random_init"]
-    lines.append(f"| random init | 0 | 0 | - | {ri['t2i_r1']:.1f} | {ri['i2t_r1']:.1f} |")
+    lines.append(f"| random init | 0 | 0 | - | - | - | - | {ri['t2i_r1']:.1f} | {ri['i2t_r1']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

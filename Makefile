@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/soho_ds/torch_extensions
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast data clean
+.PHONY: install demo test test-fast bench data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# Side-by-side benchmarks on whatever device is present; JSON + Markdown under benchmarks/.
+bench: $(STAMP)
+	$(PY) tools/bench_data.py
+	$(PY) tools/bench_vd.py
 
 clean:
 	rm -rf runs $(DATA) $(DOWNSTREAM)

@@ -1,0 +1,32 @@
+"""The benchmark tools run end to end and report what they measured (no speed is asserted here)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_tool(args, tmp_path):
+    proc = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_vd_reports_each_dictionary_size(tmp_path):
+    out = run_tool(["tools/bench_vd.py", "--sizes", "64,128", "--backbone", "resnet18", "--layers", "1",
+                    "--image-size", "64", "--batch", "2", "--iters", "1"], tmp_path)
+    report = json.loads((tmp_path / "bench_vd.json").read_text())
+    assert [r["K"] for r in report["rows"]] == [64, 128]
+    for r in report["rows"]:
+        assert 0 < r["VD lookup+update ms"] and 0 < r["VD share of step %"] < 100
+    assert "VD share of step %" in (tmp_path / "bench_vd.md").read_text() and "| 128 |" in out
+
+
+def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_path, synthetic_data):
+    run_tool(["tools/bench_data.py", "--shards", str(synthetic_data / "train"), "--image-size", "32", "--batch", "8",
+              "--batches", "2", "--threads", "1"], tmp_path)
+    rows = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
+    assert [r["loader"].split()[0] for r in rows] == ["DALI", "PIL"]
+    assert rows[1]["ratio"] == 1.0 and rows[0]["images/s"] > 0
+    assert rows[0]["ratio"] == rows[0]["images/s"] / rows[1]["images/s"]

@@ -1,0 +1,109 @@
+"""Data loading: the DALI pipeline vs PIL + torch DataLoader doing the same work on the same cores.
+
+    python tools/bench_data.py                        # 2 threads / 2 workers, 224 px, batch 32
+
+Both sides read the same WebDataset shards (synthetic photos-sized JPEGs written here unless
+--shards is given), decode, random-resized-crop (area 0.5-1, aspect 3/4-4/3), flip, resize to
+--image-size, normalise to float CHW, and deliver batches. DALI runs on the CPU here and uses
+the mixed (nvJPEG) decoder when CUDA is present. Target (issue 7): DALI >= the DataLoader.
+Writes benchmarks/bench_data.{json,md}.
+"""
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from soho_ds.bench.report import write_report  # noqa: E402
+from soho_ds.data.pipeline import MEAN, STD, ShardLoader  # noqa: E402
+from soho_ds.data.shards import list_shards  # noqa: E402
+from soho_ds.data.synthetic import make_dataset  # noqa: E402
+
+
+class TarImages(Dataset):
+    """The samples listed in the shards' DALI index files (malformed ones are already left out),
+    read by offset: the same bytes the DALI reader reads."""
+
+    def __init__(self, shards: str, image_size: int):
+        self.items = []
+        for path in list_shards(shards):
+            with open(path[: -len(".tar")] + ".idx") as idx:
+                next(idx)
+                for line in idx:
+                    f = line.split()
+                    members = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+                    self.items.append((path, *members["jpg"], *members["json"]))
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD])])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, off, size, joff, jsize = self.items[i]
+        with open(path, "rb") as f:
+            f.seek(off)
+            jpeg = f.read(size)
+            f.seek(joff)
+            meta = json.loads(f.read(jsize))
+        return self.transform(Image.open(io.BytesIO(jpeg)).convert("RGB")), meta["key"]
+
+
+def images_per_second(batches, batch_size: int, n_batches: int, warmup: int = 3) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="existing shards (default: 600 synthetic 480 px images written to a temp dir)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--out", default="benchmarks", help="folder for the JSON + Markdown report")
+    a = p.parse_args()
+    tmp = None
+    shards = a.shards
+    if shards is None:
+        tmp = tempfile.TemporaryDirectory()
+        make_dataset(tmp.name, num_train=600, num_val=8, samples_per_shard=150, image_size=480, seed=0)
+        shards = f"{tmp.name}/train"
+    dali = ShardLoader(shards, a.batch, a.image_size, train=True, crop_scale=(0.5, 1.0), hflip_prob=0.5,
+                       num_threads=a.threads, shuffle_buffer=64)
+    dali_ips = images_per_second((b.images for b in dali.forever()), a.batch, a.batches)
+
+    def endless(loader):
+        while True:
+            yield from loader
+
+    loader = DataLoader(TarImages(shards, a.image_size), batch_size=a.batch, shuffle=True, num_workers=a.threads,
+                        drop_last=True, persistent_workers=True, prefetch_factor=2)
+    pil_ips = images_per_second(endless(loader), a.batch, a.batches)
+    rows = [{"loader": "DALI (" + ("mixed" if torch.cuda.is_available() else "cpu") + f", {a.threads} threads)",
+             "images/s": dali_ips, "ratio": dali_ips / pil_ips},
+            {"loader": f"PIL + torch DataLoader ({a.threads} workers)", "images/s": pil_ips, "ratio": 1.0}]
+    md = write_report("bench_data", "Data pipeline throughput", ["loader", "images/s", "ratio"], rows,
+                      [f"decode + random-resized-crop {a.image_size} + flip + normalise, batch {a.batch}, "
+                       f"{a.batches} batches after 3 warm-up batches, same shards",
+                       "target: DALI >= the DataLoader on the same cores"], a.out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

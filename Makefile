@@ -52,6 +52,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_vd.py
+	$(PY) tools/bench_train.py
 
 clean:
 	rm -rf runs $(DATA) $(DOWNSTREAM)

@@ -30,3 +30,12 @@ def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_pat
     assert [r["loader"].split()[0] for r in rows] == ["DALI", "PIL"]
     assert rows[1]["ratio"] == 1.0 and rows[0]["images/s"] > 0
     assert rows[0]["ratio"] == rows[0]["images/s"] / rows[1]["images/s"]
+
+
+def test_bench_train_runs_both_loops_on_the_same_model(tmp_path):
+    run_tool(["tools/bench_train.py", "--backbone", "resnet18", "--layers", "1", "--image-size", "64", "--batch", "2",
+              "--iters", "1"], tmp_path)
+    rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
+    assert rows[0]["loop"].startswith("plain") and rows[1]["loop"].startswith("DeepSpeed ZeRO-2")
+    assert rows[0]["GFLOP/image"] == rows[1]["GFLOP/image"] > 0  # same model, same batch
+    assert all(r["images/s"] > 0 and r["peak memory GiB"] > 0 and 0 < r["MFU %"] < 100 for r in rows)

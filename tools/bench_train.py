@@ -1,0 +1,140 @@
+"""Training step: the DeepSpeed ZeRO-2 engine vs a plain PyTorch AMP loop, same model, batch, device.
+
+    python tools/bench_train.py                                   # CPU: ResNet-50, 12 layers, 224 px, batch 4
+    python tools/bench_train.py --backbone resnet101 --image-size 384 --batch 64   # the H100 setting
+
+Both sides train the full SOHO pretraining model (CNN + VD + 12-layer BERT + heads) on the
+same batch: plain = `torch.autocast` (fp16 + GradScaler on a GPU; fp32 on a CPU, where the
+engine also trains in fp32 unless the CPU has bf16 instructions) + AdamW; DeepSpeed =
+`build_engine` with ds_configs/zero2.json's ZeRO settings, one rank. Reports images/s,
+peak memory (GPU: max allocated; CPU: peak RSS of each phase, reset through
+/proc/self/clear_refs), model FLOPs per image (torch's FlopCounterMode, forward + backward)
+and achieved FLOP/s as a fraction of the device peak (MFU). Writes benchmarks/bench_train.{json,md}.
+"""
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from soho_ds.bench.report import sync, time_per_call, write_report  # noqa: E402
+from soho_ds.data.text import PretrainTextBuilder, load_tokenizer  # noqa: E402
+from soho_ds.pretrain.model import SohoPretrainer  # noqa: E402
+from soho_ds.runtime.config import ModelConfig, PretrainConfig, TrainConfig  # noqa: E402
+from soho_ds.runtime.dist import init_distributed  # noqa: E402
+from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks
+
+
+def device_peak_flops(override_tflops: float | None) -> float:
+    if override_tflops:
+        return override_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0) * 1e12
+    # CPU: cores x clock x 32 fp32 FLOP/cycle (two 256-bit FMA units, AVX2)
+    mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())]
+    return torch.get_num_threads() * (max(mhz) if mhz else 2000.0) * 1e6 * 32
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    return kib / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs; CPU: cores x clock x 32)")
+    p.add_argument("--deepspeed_config", default=str(ROOT / "ds_configs/zero2.json"))
+    p.add_argument("--out", default="benchmarks")
+    a = p.parse_args()
+    dist_info = init_distributed()
+    device = dist_info.device
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    captions = [["a small red circle above a large blue square", "two shapes on a white background"]] * a.batch
+    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=0)(captions)
+    batch = {k: v.to(device) for k, v in text.items()}
+    images = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
+    cfg = ModelConfig(backbone=a.backbone, num_layers=a.layers, pool_last=False, dropout=0.0)
+    base = SohoPretrainer(cfg, PretrainConfig())
+    rows = []
+
+    # --- plain PyTorch AMP loop
+    plain = copy.deepcopy(base).to(device).train()
+    opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-5, fused=on_gpu)
+    scaler = torch.amp.GradScaler(enabled=on_gpu)
+
+    def plain_step():
+        with torch.autocast(device.type, dtype=torch.float16, enabled=on_gpu):
+            loss = plain({**batch, "images": images})["loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        plain_step()
+    flops_per_image = counter.get_total_flops() / a.batch
+    reset_peak_memory()
+    t = time_per_call(plain_step, a.iters, warmup=1)
+    rows.append({"loop": "plain PyTorch " + ("AMP fp16" if on_gpu else "fp32"), "images/s": a.batch / t,
+                 "peak memory GiB": peak_memory_gib()})
+    del plain, opt
+    sync()
+
+    # --- DeepSpeed ZeRO-2 engine, the project's own build_engine
+    ds = json.loads(Path(a.deepspeed_config).read_text())
+    ds.update(train_batch_size=a.batch, train_micro_batch_size_per_gpu=a.batch, gradient_accumulation_steps=1)
+    ds = resolve_precision(ds, device.type)
+    engine = build_engine(copy.deepcopy(base), TrainConfig(lr=1e-5, warmup_steps=0, max_steps=10**6), ds)
+    dtype = compute_dtype(engine)
+
+    def ds_step():
+        out = engine({**batch, "images": images.to(dtype)})
+        engine.backward(out["loss"])
+        engine.step()
+
+    reset_peak_memory()
+    t = time_per_call(ds_step, a.iters, warmup=1)
+    rows.append({"loop": f"DeepSpeed ZeRO-{ds['zero_optimization']['stage']} "
+                         + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+                 "images/s": a.batch / t, "peak memory GiB": peak_memory_gib()})
+    peak = device_peak_flops(a.peak_tflops)
+    for r in rows:
+        r["ratio vs plain"] = r["images/s"] / rows[0]["images/s"]
+        r["GFLOP/image"] = flops_per_image / 1e9
+        r["MFU %"] = 100 * r["images/s"] * flops_per_image / peak if peak else float("nan")
+    md = write_report(
+        "bench_train", "Training step: DeepSpeed engine vs plain PyTorch loop",
+        ["loop", "images/s", "ratio vs plain", "peak memory GiB", "GFLOP/image", "MFU %"], rows,
+        [f"SOHO pretraining model: {a.backbone} + {a.layers}-layer BERT-base + VD (K=2048) + MLM/MVM/ITM heads, "
+         f"{a.image_size} px, batch {a.batch}, 2 captions per image, one rank",
+         f"FLOPs counted by torch.utils.flop_counter (forward + backward); device peak {peak / 1e12:.2f} TFLOP/s",
+         "CPU peak memory is the process's peak RSS during each phase (the plain model is freed first)"], a.out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

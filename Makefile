@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_vd.py
 	$(PY) tools/bench_train.py
+	$(PY) tools/bench_inference.py
 
 clean:
 	rm -rf runs $(DATA) $(DOWNSTREAM)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -39,3 +41,13 @@ def test_bench_train_runs_both_loops_on_the_same_model(tmp_path):
     assert rows[0]["loop"].startswith("plain") and rows[1]["loop"].startswith("DeepSpeed ZeRO-2")
     assert rows[0]["GFLOP/image"] == rows[1]["GFLOP/image"] > 0  # same model, same batch
     assert all(r["images/s"] > 0 and r["peak memory GiB"] > 0 and 0 < r["MFU %"] < 100 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_inference_times_both_pipelines(tmp_path):
+    run_tool(["tools/bench_inference.py", "--backbone", "resnet18", "--layers", "1", "--height", "200", "--width", "320",
+              "--throughput-batch", "2", "--iters", "1"], tmp_path)
+    rows = json.loads((tmp_path / "bench_inference.json").read_text())["rows"]
+    assert rows[0]["pipeline"].startswith("SOHO") and rows[1]["pipeline"].startswith("region features")
+    assert all(r["batch-1 latency ms"] > 0 and r["batch-2 images/s"] > 0 for r in rows)
+    assert rows[0]["speed-up"] == rows[1]["batch-1 latency ms"] / rows[0]["batch-1 latency ms"]

@@ -1,8 +1,8 @@
 """Checkpoints through the engine's own save/load (ZeRO shards, optimizer, scheduler, buffers).
 
 Every rank calls `save` and `resume` (DeepSpeed hangs if only rank 0 does). A tag is complete
-when every rank has written its engine shards and its own `rank_XXXXX.pt` (RNG streams and
-data-loader position), all ranks have met at a barrier, and rank 0 has written `meta.json`;
+when every rank has written its engine shards and its own `rank_<rank>.pt` (RNG streams
+and data-loader position), all ranks have met at a barrier, and rank 0 has written `meta.json`;
 only then does rank 0 point `latest` at it (atomically, by rename). A run killed at any
 moment therefore resumes from the last complete tag, never from a half-written one.
 
@@ -40,7 +40,7 @@ def _barrier() -> None:
 
 
 def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: dict) -> Path:
-    """Writes tag `step_XXXXXXXX`; `rank_state` is this rank's own (RNG streams, data position)."""
+    """Writes the tag `tag_for(step)`; `rank_state` is this rank's own (RNG streams, data position)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)

@@ -43,9 +43,9 @@ def colour_under_boxes(images, regions, mirror=False):
     return found
 
 
-def true_colours(metas, regions):
+def true_colours(regions):
     colours = []
-    for row, attrs in zip(regions.boxes.tolist(), regions.attributes):
+    for attrs in regions.attributes:
         colour_ids = [i for i in attrs.nonzero().flatten().tolist() if ATTRIBUTE_CLASSES[i] in COLOURS]
         colours.append(ATTRIBUTE_CLASSES[colour_ids[0]])
     return colours
@@ -61,7 +61,7 @@ def test_boxes_follow_the_crop_resize_and_flip(synthetic_data):
         assert r.attributes.shape == (len(r.boxes), len(ATTRIBUTE_CLASSES))
         assert r.features.shape == (len(r.boxes), REGION_FEATURE_DIM)
         assert (r.boxes[:, 1:] >= 0).all() and (r.boxes[:, 1:] <= 96).all()
-        truth = true_colours(batch.metas, r)
+        truth = true_colours(r)
         hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r), truth))
         mirrored_hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r, mirror=True), truth))
         total += len(truth)

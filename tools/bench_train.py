@@ -5,8 +5,10 @@
 
 Both sides train the full SOHO pretraining model (CNN + VD + 12-layer BERT + heads) on the
 same batch: plain = `torch.autocast` (fp16 + GradScaler on a GPU; fp32 on a CPU, where the
-engine also trains in fp32 unless the CPU has bf16 instructions) + AdamW; DeepSpeed =
-`build_engine` with ds_configs/zero2.json's ZeRO settings, one rank. Reports images/s,
+engine also trains in fp32 unless the CPU has bf16 instructions) + AdamW, once with torch's
+default implementation (the baseline) and once with its fused kernel (the optimizer the engine
+gets, so the engine's own cost shows apart from the optimizer's); DeepSpeed = `build_engine`
+with ds_configs/zero2.json's ZeRO settings, one rank. Reports images/s,
 peak memory (GPU: max allocated; CPU: peak RSS of each phase, reset through
 /proc/self/clear_refs), model FLOPs per image (torch's FlopCounterMode, forward + backward)
 and achieved FLOP/s as a fraction of the device peak (MFU). Writes benchmarks/bench_train.{json,md}.
@@ -80,29 +82,34 @@ def main() -> None:
     base = SohoPretrainer(cfg, PretrainConfig())
     rows = []
 
-    # --- plain PyTorch AMP loop
-    plain = copy.deepcopy(base).to(device).train()
-    opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-5, fused=on_gpu)
-    scaler = torch.amp.GradScaler(enabled=on_gpu)
+    # --- plain PyTorch AMP loops: torch's default AdamW (the baseline), then the fused AdamW kernel
+    # that build_engine gives the engine, so the engine's own overhead is visible separately
+    flops_per_image = None
+    for fused in (False, True):
+        plain = copy.deepcopy(base).to(device).train()
+        opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-5, fused=fused)
+        scaler = torch.amp.GradScaler(enabled=on_gpu)
 
-    def plain_step():
-        with torch.autocast(device.type, dtype=torch.float16, enabled=on_gpu):
-            loss = plain({**batch, "images": images})["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        def plain_step():
+            with torch.autocast(device.type, dtype=torch.float16, enabled=on_gpu):
+                loss = plain({**batch, "images": images})["loss"]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        plain_step()
-    flops_per_image = counter.get_total_flops() / a.batch
-    reset_peak_memory()
-    t = time_per_call(plain_step, a.iters, warmup=1)
-    rows.append({"loop": "plain PyTorch " + ("AMP fp16" if on_gpu else "fp32"), "images/s": a.batch / t,
-                 "peak memory GiB": peak_memory_gib()})
-    del plain, opt
-    sync()
+        if flops_per_image is None:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:
+                plain_step()
+            flops_per_image = counter.get_total_flops() / a.batch
+        reset_peak_memory()
+        t = time_per_call(plain_step, a.iters, warmup=1)
+        rows.append({"loop": "plain PyTorch " + ("AMP fp16" if on_gpu else "fp32")
+                             + (", fused AdamW" if fused else ", AdamW"),
+                     "images/s": a.batch / t, "peak memory GiB": peak_memory_gib()})
+        del plain, opt
+        sync()
 
     # --- DeepSpeed ZeRO-2 engine, the project's own build_engine
     ds = json.loads(Path(a.deepspeed_config).read_text())
@@ -119,7 +126,7 @@ def main() -> None:
     reset_peak_memory()
     t = time_per_call(ds_step, a.iters, warmup=1)
     rows.append({"loop": f"DeepSpeed ZeRO-{ds['zero_optimization']['stage']} "
-                         + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
+                         + {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32") + ", fused AdamW",
                  "images/s": a.batch / t, "peak memory GiB": peak_memory_gib()})
     peak = device_peak_flops(a.peak_tflops)
     for r in rows:

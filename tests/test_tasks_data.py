@@ -78,6 +78,18 @@ def test_vqa_vocab_and_soft_targets():
     assert t.tolist() == pytest.approx([2 / 3, 0.0])
 
 
+def test_question_only_prior_by_hand():
+    """The blind baseline answers by question text alone; unseen questions get the overall top answer."""
+    from soho_ds.tasks.vqa import VQAQuestion, question_prior_accuracy
+
+    train = [VQAQuestion(1, 1, "what colour?", ("red",) * 10), VQAQuestion(2, 2, "What colour? ", ("red",) * 10),
+             VQAQuestion(3, 3, "what colour?", ("blue",) * 10), VQAQuestion(4, 4, "how many?", ("2",) * 10)]
+    evaluated = [VQAQuestion(5, 5, "what colour?", ("red",) * 10),  # prior "red": 1
+                 VQAQuestion(6, 6, "how many?", ("2",) * 3 + ("3",) * 7),  # "2": (3 x 2/3 + 7 x 1) / 10 = 0.9
+                 VQAQuestion(7, 7, "is it large?", ("yes",) * 10)]  # unseen: overall "red", 0
+    assert question_prior_accuracy(train, evaluated) == pytest.approx(100 * (1 + 0.9 + 0) / 3)
+
+
 # --- readers on real files ---
 @needs_realdata
 def test_karpathy_reader_on_real_records():

@@ -156,6 +156,10 @@ class ExampleTask(ABC):
     def chance(self) -> dict[str, float]:
         """What guessing scores on the evaluation split, for the metrics it applies to."""
 
+    def blind_baselines(self) -> dict[str, float]:
+        """What a model that ignores the image scores (the text's own prior), where the task states one."""
+        return {}
+
     @abstractmethod
     def evaluate(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         """The task's metric over the whole evaluation split."""

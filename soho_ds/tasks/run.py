@@ -40,6 +40,11 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
     trainer = Trainer(engine, task, cfg, logger, dist_info)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
         metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
-    log.info("%s: %s", task_name, "  ".join(f"{k} {metrics[k]:.2f} (chance {task.chance()[k]:.2f})"
-                                            for k in sorted(metrics) if k in task.chance()))
+    chance, blind = task.chance(), task.blind_baselines()
+
+    def reference_levels(k: str) -> str:
+        return f"chance {chance[k]:.2f}" + (f", text-only prior {blind[k]:.2f}" if k in blind else "")
+
+    log.info("%s: %s", task_name, "  ".join(f"{k} {metrics[k]:.2f} ({reference_levels(k)})"
+                                            for k in sorted(metrics) if k in chance))
     return metrics

@@ -132,6 +132,22 @@ def build_answer_vocab(questions: list[VQAQuestion], size: int) -> list[str]:
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
 
 
+def question_prior_accuracy(train: list[VQAQuestion], evaluated: list[VQAQuestion]) -> float:
+    """VQA accuracy (%) of a blind model: each question answered with the most frequent training
+    answer to the same (lower-cased) question text, else the most frequent answer overall.
+    A model that does not beat this has learned the language prior, not to look at the image."""
+    by_question: dict[str, Counter] = {}
+    for q in train:
+        by_question.setdefault(q.question.strip().lower(), Counter()).update(normalize_answer(a) for a in q.answers)
+    overall = build_answer_vocab(train, 1)[0]
+
+    def guess(q: VQAQuestion) -> str:
+        counts = by_question.get(q.question.strip().lower())
+        return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else overall
+
+    return 100 * sum(vqa_accuracy(guess(q), list(q.answers)) for q in evaluated) / len(evaluated)
+
+
 def soft_targets(answers: tuple[str, ...], vocab_index: dict[str, int]) -> torch.Tensor:
     """min(1, annotators who gave the answer / 3) for each vocabulary answer."""
     target = torch.zeros(len(vocab_index))
@@ -178,6 +194,11 @@ class VQATask(ExampleTask):
         top = self.vocab[0]
         return {"vqa_accuracy": 100 * sum(vqa_accuracy(top, list(q.answers)) for q in self.eval_questions)
                 / len(self.eval_questions)}
+
+    def blind_baselines(self) -> dict[str, float]:
+        if self.eval_questions[0].answers is None:
+            return {}
+        return {"vqa_accuracy": question_prior_accuracy(self.train_examples, self.eval_questions)}
 
     def make_model(self) -> VQAModel:
         return VQAModel(self.cfg, len(self.vocab))

@@ -90,6 +90,24 @@ def test_question_only_prior_by_hand():
     assert question_prior_accuracy(train, evaluated) == pytest.approx(100 * (1 + 0.9 + 0) / 3)
 
 
+def test_synthetic_snli_ve_entailment_and_contradiction_share_their_templates(downstream):
+    """With the content words (colours, shapes, sizes, numbers) blanked, a hypothesis's template must
+    not tell entailment from contradiction: the best template -> label rule stays near 50%."""
+    import re
+    from collections import Counter, defaultdict
+
+    from soho_ds.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES, SIZES
+
+    words = "|".join([*COLOURS, *SHAPES, *SIZES, *NUMBER_WORDS.values()])
+    examples = [e for split in ("train", "dev") for e in read_snli_ve(downstream / f"snli_ve/snli_ve_{split}.jsonl")
+                if e.label != 1]  # 0 entailment, 2 contradiction; neutral is unverifiable by design
+    by_template = defaultdict(Counter)
+    for e in examples:
+        by_template[re.sub(rf"\b({words})\b", "X", e.hypothesis)][e.label] += 1
+    best_rule = sum(max(c.values()) for c in by_template.values()) / len(examples)
+    assert len(examples) > 100 and best_rule < 0.6, (best_rule, dict(by_template))
+
+
 # --- readers on real files ---
 @needs_realdata
 def test_karpathy_reader_on_real_records():

@@ -331,17 +331,20 @@ NEUTRAL = ("the {p} was drawn by a child", "the {p} is made of paper", "someone 
 
 def _snli_hypothesis(rng: random.Random, background: str, objects: list[ShapeObject],
                      image_size: int) -> tuple[str, str]:
+    """An entailed, neutral or contradicted hypothesis about the scene. Entailments and
+    contradictions share their templates ("there is <object>", "there are exactly <n> shapes"),
+    true or false of this image, so only the image tells them apart; neutral statements cannot
+    be checked in any image (as in SNLI-VE)."""
     kind = rng.choice(("entailment", "neutral", "contradiction"))
     o = rng.choice(objects)
-    if kind == "entailment":
-        return rng.choice(captions_for(background, objects, image_size)), kind
     if kind == "neutral":
         return rng.choice(NEUTRAL).format(p=f"{o.colour} {o.shape}"), kind
-    absent = [c for c in sorted(COLOURS) if all(x.colour != c for x in objects)]
-    if rng.random() < 0.5 and absent:
-        return f"there is {ShapeObject(o.shape, rng.choice(absent), o.size, o.box).phrase()}", kind
-    wrong = rng.choice([n for n in (1, 2, 3, 4) if n != len(objects)])
-    return f"there are exactly {NUMBER_WORDS.get(wrong, 'four')} shapes", kind
+    true = kind == "entailment"
+    if rng.random() < 0.5:
+        absent = [c for c in sorted(COLOURS) if all(x.colour != c for x in objects)]  # never empty: <= 3 objects
+        return f"there is {ShapeObject(o.shape, o.colour if true else rng.choice(absent), o.size, o.box).phrase()}", kind
+    n = len(objects) if true else rng.choice([k for k in NUMBER_WORDS if k != len(objects)])
+    return f"there {'is' if n == 1 else 'are'} exactly {NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}", kind
 
 
 def make_downstream(out: str | Path, num_train: int = 400, num_eval: int = 100, image_size: int = 128,

@@ -342,7 +342,8 @@ def _snli_hypothesis(rng: random.Random, background: str, objects: list[ShapeObj
     true = kind == "entailment"
     if rng.random() < 0.5:
         absent = [c for c in sorted(COLOURS) if all(x.colour != c for x in objects)]  # never empty: <= 3 objects
-        return f"there is {ShapeObject(o.shape, o.colour if true else rng.choice(absent), o.size, o.box).phrase()}", kind
+        colour = o.colour if true else rng.choice(absent)
+        return f"there is {ShapeObject(o.shape, colour, o.size, o.box).phrase()}", kind
     n = len(objects) if true else rng.choice([k for k in NUMBER_WORDS if k != len(objects)])
     return f"there {'is' if n == 1 else 'are'} exactly {NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}", kind
 

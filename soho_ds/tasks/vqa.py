@@ -126,10 +126,14 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) ->
     return out
 
 
+def _ranked(counts: Counter) -> list[str]:
+    """Answers by decreasing count, ties broken alphabetically (deterministic across runs)."""
+    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
 def build_answer_vocab(questions: list[VQAQuestion], size: int) -> list[str]:
     """The `size` most frequent normalised answers (all 10 per question), ties broken alphabetically."""
-    counts = Counter(normalize_answer(a) for q in questions for a in q.answers)
-    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+    return _ranked(Counter(normalize_answer(a) for q in questions for a in q.answers))[:size]
 
 
 def question_prior_accuracy(train: list[VQAQuestion], evaluated: list[VQAQuestion]) -> float:
@@ -143,7 +147,7 @@ def question_prior_accuracy(train: list[VQAQuestion], evaluated: list[VQAQuestio
 
     def guess(q: VQAQuestion) -> str:
         counts = by_question.get(q.question.strip().lower())
-        return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else overall
+        return _ranked(counts)[0] if counts else overall
 
     return 100 * sum(vqa_accuracy(guess(q), list(q.answers)) for q in evaluated) / len(evaluated)
 

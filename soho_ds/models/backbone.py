@@ -47,11 +47,13 @@ class ResNetBackbone(nn.Module):
                  pool_last: bool = True, grad_checkpointing: bool = False):
         super().__init__()
         net = RESNETS[name](weights=None)
+        self.out_channels = net.fc.in_features
+        net.fc = nn.Identity()  # the trunk only: any classifier in the file (ImageNet's 1000 classes) is skipped
         if weights_path:
-            load_checked(net, torch.load(weights_path, map_location="cpu", weights_only=True), weights_path)
+            load_checked(net, torch.load(weights_path, map_location="cpu", weights_only=True), weights_path,
+                         ignore_prefixes=("fc.",))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = net.fc.in_features
         self.freeze_stem = freeze_stem
         self.pool_last = pool_last
         self.grad_checkpointing = grad_checkpointing

@@ -16,18 +16,24 @@ def write(tmp_path, text, name="run.yaml"):
     return p
 
 
-def test_shipped_configs_load(synthetic_data, downstream):
+def test_shipped_configs_load(synthetic_data, downstream, tmp_path):
     """Every shipped config passes validation once its data paths point at files that exist here."""
     import yaml
 
     from conftest import downstream_paths
 
+    backbone = tmp_path / "resnet18_concepts.pth"  # what tools/pretrain_backbone.py writes (make data)
+    backbone.touch()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        task = (yaml.safe_load(path.read_text()).get("task") or {}).get("name")
+        tree = yaml.safe_load(path.read_text())
+        task = (tree.get("task") or {}).get("name")
         if task:
             overrides = downstream_paths(task, downstream)
         else:
             overrides = [f"data.train_shards={synthetic_data}/train", f"data.val_shards={synthetic_data}/val"]
+        if tree["model"].get("backbone_weights"):
+            assert tree["model"]["backbone_weights"] == "data/synthetic/resnet18_concepts.pth", path
+            overrides.append(f"model.backbone_weights={backbone}")
         cfg = load_config(path, overrides)
         assert cfg.source == str(path) and cfg.task.name == (task or "")
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
@@ -105,14 +111,20 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(50, cos) == pytest.approx(0.5)
 
 
-def test_param_groups_give_the_cnn_its_multiplier_and_skip_decay_on_norms():
+def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_decay_on_norms():
     from conftest import tiny_model_config
-    from soho_ds.models.soho import SohoModel
+    from soho_ds.pretrain.model import SohoPretrainer
+    from soho_ds.runtime.config import PretrainConfig
 
-    model = SohoModel(tiny_model_config())
-    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0))}
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(itc_weight=1.0))
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0, head_lr_mult=5.0))}
     assert groups["cnn"]["lr"] == pytest.approx(1e-3) and groups["transformer"]["lr"] == pytest.approx(1e-4)
+    assert groups["head"]["lr"] == pytest.approx(5e-4)
     assert groups["transformer_no_decay"]["weight_decay"] == 0.0
+    head = {id(p) for g in ("head", "head_no_decay") for p in groups[g]["params"]}
+    heads = (model.mlm_head, model.itm_head, model.mvm_head, model.itc_head)
+    tied = {id(model.model.fusion.word_embeddings.weight)}  # the MLM decoder is the word embedding
+    assert head == {id(p) for h in heads for p in h.parameters()} - tied
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups.values()) == n_trainable
 

@@ -21,12 +21,13 @@ def make_batch(tokenizer, seed=0):
 
 def test_every_head_gives_a_scalar_loss_and_every_trainable_parameter_a_gradient(tokenizer):
     torch.manual_seed(0)
-    model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0)).train()
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0, itc_weight=0.5)).train()
     out = model(make_batch(tokenizer))
-    for key in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "acc/itm", "acc/mlm", "acc/mvm", "vd/usage"):
+    for key in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "loss/itc", "acc/itm", "acc/mlm", "acc/mvm", "acc/itc",
+                "vd/usage"):
         assert out[key].shape == () and torch.isfinite(out[key]), key
-    assert out["loss/mvm"] > 0 and out["loss/mlm"] > 0
-    expected = out["loss/mlm"] + out["loss/mvm"] + out["loss/itm"]
+    assert out["loss/mvm"] > 0 and out["loss/mlm"] > 0 and out["loss/itc"] > 0
+    expected = out["loss/mlm"] + out["loss/mvm"] + out["loss/itm"] + 0.5 * out["loss/itc"]
     assert torch.allclose(out["loss"], expected)
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None)]
@@ -91,6 +92,10 @@ def test_backbone_loads_local_weights_and_refuses_mismatched_ones(tmp_path):
     backbone = ResNetBackbone("resnet18", str(path), pool_last=False)
     assert torch.equal(backbone.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
     assert torch.equal(backbone.stem[1].running_var, net.bn1.running_var)
+    # a classifier of any size (ImageNet's 1000 classes, the synthetic stand-in's 10) is not the trunk's
+    net.fc = torch.nn.Linear(512, 10)
+    torch.save(net.state_dict(), path)
+    assert torch.equal(ResNetBackbone("resnet18", str(path)).layer1[0].conv1.weight, net.layer1[0].conv1.weight)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="resnet18.pth: weights do not fit"):
         ResNetBackbone("resnet18", str(path))
@@ -108,3 +113,38 @@ def test_fusion_loads_a_local_pretrained_bert_folder(tmp_path):
     assert torch.equal(model.fusion.bert.encoder.layer[1].output.dense.weight,
                        bert.encoder.layer[1].output.dense.weight)
     assert model.hidden_size == 64
+
+
+def test_concept_targets_name_each_images_colours_and_shapes():
+    from soho_ds.pretrain.backbone_init import CONCEPTS, concept_targets
+
+    metas = [{"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"}]},
+             {"objects": [{"colour": "yellow", "shape": "diamond"}]}]
+    targets = concept_targets(metas)
+    assert CONCEPTS == ["blue", "green", "orange", "purple", "red", "yellow", "circle", "square", "triangle",
+                        "diamond"]
+    assert targets.tolist() == [[1, 0, 0, 0, 1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0, 0, 1]]
+
+
+def test_contrastive_loss_against_a_hand_computed_case():
+    import math
+
+    from soho_ds.pretrain.objectives import contrastive_loss
+
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # text 0 describes image 1, text 1 describes image 0
+    loss, acc = contrastive_loss(image, text, torch.tensor([1, 0]), temperature=0.5)
+    # logits = text @ image.T / 0.5: text 0 -> [0, 2, 1.6], text 1 -> [2, 0, 1.2]
+    t2i = (-(2 - math.log(1 + math.exp(2) + math.exp(1.6))) - (2 - math.log(math.exp(2) + 1 + math.exp(1.2)))) / 2
+    # image -> text over the two texts: image 1 -> [2, 0] (target 0), image 0 -> [0, 2] (target 1)
+    i2t = -(2 - math.log(math.exp(2) + 1))
+    assert loss.item() == pytest.approx((t2i + i2t) / 2, rel=1e-6)
+    assert acc.item() == 1.0
+
+
+def test_itc_takes_one_matched_caption_per_image_and_skips_images_without_one():
+    from soho_ds.pretrain.model import first_matched_caption
+
+    image_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    matched = torch.tensor([False, True, True, True, False, False])
+    assert first_matched_caption(image_index, matched, 3).tolist() == [1, 2]

@@ -49,6 +49,10 @@ class CrossModalEncoder(nn.Module):
     def visual_type_embedding(self) -> torch.Tensor:
         return self.bert.embeddings.token_type_embeddings.weight[1]
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The words alone through the same layers (no visual tokens): the [CLS] vector (B, H)."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 visual_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask (B, L); visual_tokens (B, N, H) already embedded.

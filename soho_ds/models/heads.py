@@ -1,4 +1,5 @@
-"""Prediction heads: masked words (MLM), masked visual words (MVM), image-text matching (ITM)."""
+"""Prediction heads: masked words (MLM), masked visual words (MVM), image-text matching (ITM),
+and the optional contrastive projections (ITC)."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,20 @@ class ITMHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(pooled)
+
+
+class ContrastiveHead(nn.Module):
+    """Projects pooled visual tokens and a text-only [CLS] vector to one unit-norm space (ITC)."""
+
+    def __init__(self, hidden_size: int, dim: int):
+        super().__init__()
+        self.image = nn.Linear(hidden_size, dim)
+        self.text = nn.Linear(hidden_size, dim)
+
+    def forward(self, visual_tokens: torch.Tensor, text_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual_tokens (B, N, H), text_cls (T, H) -> image (B, dim), text (T, dim), both L2-normalised."""
+        return (F.normalize(self.image(visual_tokens.mean(1)).float(), dim=-1),
+                F.normalize(self.text(text_cls).float(), dim=-1))
 
 
 def mlp_classifier(in_features: int, hidden_features: int, out_features: int, dropout: float = 0.1) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""The pretraining module: SohoModel + MLM, MVM and ITM heads, returning a weighted loss.
+"""The pretraining module: SohoModel + MLM, MVM and ITM heads (+ optional ITC), returning a weighted loss.
 
 `forward(batch)` is what the DeepSpeed engine calls; it returns the total loss under "loss"
 and every term and accuracy under `group/name` keys for logging.
@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soho_ds.models.heads import ITMHead, MLMHead, MVMHead
+from soho_ds.models.heads import ContrastiveHead, ITMHead, MLMHead, MVMHead
 from soho_ds.models.semantic import SemanticVisualHeads
 from soho_ds.models.soho import SohoModel
-from soho_ds.pretrain.objectives import IGNORE, classification_loss, gather_masked, sample_mvm_mask
+from soho_ds.pretrain.objectives import (IGNORE, classification_loss, contrastive_loss, gather_masked,
+                                         sample_mvm_mask)
 from soho_ds.runtime.config import ModelConfig, PretrainConfig, SemanticConfig
 
 
@@ -24,6 +25,7 @@ class SohoPretrainer(nn.Module):
         self.mlm_head = MLMHead(config, self.model.fusion.word_embeddings)
         self.itm_head = ITMHead(config.hidden_size)
         self.mvm_head = MVMHead(config, cfg.mvm_temperature) if model_cfg.use_vd and cfg.mvm_weight > 0 else None
+        self.itc_head = ContrastiveHead(config.hidden_size, cfg.itc_dim) if cfg.itc_weight > 0 else None
         self.semantic_heads = (SemanticVisualHeads(self.model.backbone.out_channels, semantic)
                                if semantic is not None and semantic.enabled else None)
 
@@ -67,9 +69,30 @@ class SohoPretrainer(nn.Module):
             out["vd/usage"] = self.model.visual_dictionary.usage.clone()
             out["vd/masked_frac"] = mvm_mask.float().mean()
             out["vd/restarts"] = self.model.visual_dictionary.restarts.float()
+        if self.itc_head is not None:
+            # negatives: the other images of this rank's micro-batch (no cross-rank gather)
+            text_index = first_matched_caption(image_index, matched, len(images))
+            empty = len(text_index) == 0  # no matched caption at all: the head still runs, at weight 0
+            text_index = text_index if not empty else text_index.new_zeros(1)
+            text_cls = self.model.fusion.encode_text(input_ids[text_index], batch["attention_mask"][text_index])
+            image_emb, text_emb = self.itc_head(tokens, text_cls)
+            loss, acc = contrastive_loss(image_emb, text_emb, image_index[text_index], cfg.itc_temperature)
+            out["loss/itc"], out["acc/itc"] = (loss * 0.0, acc * 0.0) if empty else (loss, acc)
+            total = total + cfg.itc_weight * out["loss/itc"]
         if self.semantic_heads is not None and "region_boxes" in batch:
             semantic_total, semantic_out = self.semantic_heads(grid_features, batch, images.shape[-1])
             out.update(semantic_out)
             total = total + semantic_total
         out["loss"] = total
         return out
+
+
+def first_matched_caption(image_index: torch.Tensor, matched: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Indices of one matched caption per image (the first), for images that have one: ITC needs
+    exactly one positive text per image, and a caption of another image (an ITM negative) is none."""
+    T = image_index.shape[0]
+    order = torch.arange(T, device=image_index.device)
+    # the smallest caption position per image among matched captions (T where there is none)
+    first = torch.full((num_images,), T, dtype=torch.long, device=image_index.device)
+    first = first.scatter_reduce(0, image_index, torch.where(matched, order, T), reduce="amin")
+    return first[first < T]

@@ -37,3 +37,15 @@ def gather_masked(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     if flat_mask.any():
         return flat[flat_mask], True
     return flat[:1], False
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE between unit vectors, one text per image at most: image (B, D), text (T, D),
+    `text_image` (T,) the image each text describes; every other image (text) in the batch is a
+    negative. Returns the mean of both directions and the text->image top-1 accuracy."""
+    logits = text @ image.t() / temperature  # (T, B)
+    t2i = F.cross_entropy(logits, text_image)
+    i2t = F.cross_entropy(logits.t()[text_image], torch.arange(len(text_image), device=logits.device))
+    acc = (logits.argmax(-1) == text_image).float().mean()
+    return (t2i + i2t) / 2, acc

@@ -86,8 +86,8 @@ class PretrainTask:
                 # Drain the rest of the pass so the next evaluation starts from the beginning.
                 continue
             out = module(to_device(self.make_batch(raw, self.val_text), device, dtype))
-            for k in ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm", "acc/object", "acc/attribute",
-                      "loss/region_feature"):
+            for k in ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm", "acc/itc", "loss/itc", "acc/object",
+                      "acc/attribute", "loss/region_feature"):
                 if k in out:
                     sums[k] = sums.get(k, 0) + out[k].float()
             sums["batches"] = sums.get("batches", 0) + torch.ones((), device=device)

@@ -82,6 +82,11 @@ class PretrainConfig:
     mvm_prob: float = 0.015  # chance per image of masking one visual word (public config)
     itm_neg_prob: float = 0.5
     mvm_temperature: float = 0.1  # cosine-similarity logits are divided by this
+    # Image-text contrastive alignment before fusion (ALBEF's ITC): not in SOHO, off by default. It
+    # gives the words-to-pixels match a first-order signal, so short runs leave ITM's chance plateau.
+    itc_weight: float = 0.0
+    itc_dim: int = 128  # shared embedding width of the two projections
+    itc_temperature: float = 0.07
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class TrainConfig:
     max_steps: int = 1000
     lr: float = 1e-4
     cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters
+    head_lr_mult: float = 1.0  # for the heads (pretraining or task), which no checkpoint initialises
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6

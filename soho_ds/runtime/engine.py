@@ -62,18 +62,22 @@ def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto"
 
 
 def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: no weight decay on biases and norms; the CNN at lr x cnn_lr_mult."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW groups: no weight decay on biases and norms; the CNN at lr x cnn_lr_mult; the task or
+    pretraining heads (everything outside the CNN, the visual embedding and the transformer) at
+    lr x head_lr_mult."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        is_cnn = ".backbone." in f".{name}"
+        dotted = f".{name}"
+        part = ("cnn" if ".backbone." in dotted else
+                "transformer" if ".fusion." in dotted or ".visual." in dotted else "head")
         no_decay = p.ndim <= 1 or name.endswith(".bias")
-        groups.setdefault((is_cnn, no_decay), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * (cfg.cnn_lr_mult if is_cnn else 1.0),
-             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-             "name": f"{'cnn' if is_cnn else 'transformer'}{'_no_decay' if no_decay else ''}"}
-            for (is_cnn, no_decay), ps in sorted(groups.items())]
+        groups.setdefault((part, no_decay), []).append(p)
+    mult = {"cnn": cfg.cnn_lr_mult, "transformer": 1.0, "head": cfg.head_lr_mult}
+    return [{"params": ps, "lr": cfg.lr * mult[part], "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+             "name": f"{part}{'_no_decay' if no_decay else ''}"}
+            for (part, no_decay), ps in sorted(groups.items())]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

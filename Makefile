@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 RANKS ?= 2
 DATA ?= data/synthetic
 DOWNSTREAM ?= data/synthetic_downstream
+BACKBONE ?= $(DATA)/resnet18_concepts.pth
 LAUNCH = OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS)
 
 # DeepSpeed JIT-builds its shm comm op on first use (~35 s): keep the build outside the clone.
@@ -27,13 +28,17 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 $(DATA)/manifest.json: soho_ds/data/synthetic.py | $(STAMP)
-	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200 --downstream $(DOWNSTREAM)
+	$(PY) tools/make_synthetic.py --out $(DATA) --num-train 2000 --num-val 200 --downstream $(DOWNSTREAM) --num-downstream 240
 
-data: $(DATA)/manifest.json
+# The ImageNet stand-in (no downloads here): the ResNet first learns to name the synthetic colours/shapes.
+$(BACKBONE): $(DATA)/manifest.json soho_ds/pretrain/backbone_init.py
+	$(PY) tools/pretrain_backbone.py --data $(DATA) --out $@
+
+data: $(DATA)/manifest.json $(BACKBONE)
 
 # Pretrain the small synthetic configuration with $(RANKS) local ranks (CPU: gloo, fp32/bf16;
 # GPU: NCCL) through the same entry point a cluster uses, then finetune retrieval and VQA from it.
-demo: $(DATA)/manifest.json
+demo: $(DATA)/manifest.json $(BACKBONE)
 	$(LAUNCH) launch/pretrain.py --deepspeed_config ds_configs/zero2_cpu_demo.json \
 	    --config configs/pretrain_synthetic.yaml
 	$(LAUNCH) launch/finetune_retrieval.py --deepspeed_config ds_configs/zero2_cpu_demo.json \

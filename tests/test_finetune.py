@@ -1,30 +1,19 @@
 """Each finetune driver end to end on its synthetic counterpart (real file formats), in one process."""
-import argparse
 import json
 
 import pytest
 
-from conftest import ROOT
+from launching import finetune_in_process
 
 TINY = ["model.backbone=resnet18", "model.freeze_stem=false", "model.hidden_size=64", "model.num_layers=2",
         "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32", "data.image_size=64",
-        "data.max_text_len=20", "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3"]
+        "data.max_text_len=20", "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3",
+        "model.bert_dir=null", "model.backbone_weights=null", "train.head_lr_mult=1"]
 
 
 def run_finetune(task, config, downstream, tmp_path, steps, extra=()):
-    from soho_ds.tasks.run import add_finetune_arguments, finetune
-
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
-                              "gradient_clipping": 10.0, "zero_optimization": {"stage": 2}}))
-    sets = TINY + [f"train.max_steps={steps}", f"train.output_dir={tmp_path}/{task}", *extra]
-    # the shipped synthetic config, pointed at this test's data folder
-    text = (ROOT / "configs" / config).read_text().replace("data/synthetic_downstream", str(downstream))
-    cfg = tmp_path / config
-    cfg.write_text(text)
-    argv = ["--deepspeed_config", str(ds), "--config", str(cfg)] + sum((["--set", s] for s in sets), [])
-    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
-    return finetune(args, task)
+    """From random initialisation: the tiny model, no pretrained stand-ins."""
+    return finetune_in_process(task, config, downstream, tmp_path / task, steps, TINY + list(extra))
 
 
 @pytest.mark.slow
@@ -38,7 +27,7 @@ def test_vqa_finetune_beats_the_most_frequent_answer(downstream, tmp_path):
     chance = 100 * sum(vqa_accuracy(most_common, list(q.answers)) for q in val) / len(val)
     assert metrics["num_questions"] == len(val)  # the full split, not a sample
     assert metrics["vqa_accuracy"] > chance + 10, (metrics, chance)
-    results = json.loads((tmp_path / "vqa" / "vqa_results.json").read_text())
+    results = json.loads((tmp_path / "vqa" / "run" / "vqa_results.json").read_text())
     assert len(results) == len(val) and set(results[0]) == {"question_id", "answer"}
 
 
@@ -64,4 +53,4 @@ def test_retrieval_finetune_scores_the_full_split_and_its_folds(downstream, tmp_
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "2fold/t2i_r1"):
         assert 0.0 <= metrics[key] <= 100.0
     assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
-    assert (tmp_path / "retrieval" / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    assert (tmp_path / "retrieval" / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000020"

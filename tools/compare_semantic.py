@@ -56,7 +56,9 @@ def main() -> None:
     def finetune(name: str, init: Path | None) -> dict:
         out = runs / f"finetune_{name}"
         args = ["--config", FINETUNE, "--set", f"train.output_dir={out}", "--set",
-                f"train.max_steps={a.finetune_steps}"] + (["--init", str(init)] if init else [])
+                f"train.max_steps={a.finetune_steps}"]
+        # --init replaces every weight; without it, nothing pretrained at all (no stand-ins either)
+        args += ["--init", str(init)] if init else ["--set", "model.backbone_weights=null", "--set", "model.bert_dir=null"]
         if not (out / "eval.jsonl").exists():
             launch("launch/finetune_retrieval.py", args, a.ranks, a.deepspeed_config)
         last = read_evals(out)[-1]

@@ -7,6 +7,7 @@ retrieval is finetuned twice with the same data, steps and seed: from that check
 random initialisation (no checkpoint, no stand-ins).
 """
 import json
+import math
 
 import pytest
 
@@ -61,8 +62,11 @@ def test_retrieval_from_pretraining_beats_chance_and_random_initialisation(groun
         "retrieval", "finetune_retrieval_synthetic.yaml", grounded["root"] / "downstream", tmp_path / "scratch",
         steps=FINETUNE_STEPS, sets=["train.warmup_steps=4", "model.backbone_weights=null", "model.bert_dir=null"])
     assert pretrained["num_images"] == 20 and pretrained["num_texts"] == 100
-    # chance with 20 test images: R@1 5%, R@5 25% (text -> image); 100 captions: R@5 5% (image -> text)
-    assert pretrained["t2i_r5"] > 25 + 15, pretrained
-    assert pretrained["i2t_r5"] > 5 * 5 + 15, pretrained
-    score = lambda m: sum(m[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10))  # noqa: E731
-    assert score(pretrained) > score(scratch) + 30, (pretrained, scratch)
+    # a random ranking: text -> image R@K = K/20; image -> text (5 true captions of 100) 1 - C(95,K)/C(100,K)
+    chance = {**{f"t2i_r{k}": 100 * k / 20 for k in (1, 5, 10)},
+              **{f"i2t_r{k}": 100 * (1 - math.comb(95, k) / math.comb(100, k)) for k in (1, 5, 10)}}
+    rsum = lambda m: sum(m[key] for key in chance)  # noqa: E731
+    # measured in CI: pretrained rsum 295 (t2i R@10 71, i2t R@10 90), random init 150, chance 150
+    assert rsum(pretrained) > rsum(chance) + 75, (pretrained, chance)
+    assert pretrained["t2i_r10"] > chance["t2i_r10"] + 10 and pretrained["i2t_r10"] > chance["i2t_r10"] + 20
+    assert rsum(pretrained) > rsum(scratch) + 60, (pretrained, scratch)

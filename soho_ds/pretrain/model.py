@@ -70,7 +70,8 @@ class SohoPretrainer(nn.Module):
             out["vd/masked_frac"] = mvm_mask.float().mean()
             out["vd/restarts"] = self.model.visual_dictionary.restarts.float()
         if self.itc_head is not None:
-            # negatives: the other images of this rank's micro-batch (no cross-rank gather)
+            # negatives: the other images of this rank's micro-batch (no cross-rank gather); the text is
+            # the caption as the fused pass sees it, MLM masks included (no second tokenisation)
             text_index = first_matched_caption(image_index, matched, len(images))
             empty = len(text_index) == 0  # no matched caption at all: the head still runs, at weight 0
             text_index = text_index if not empty else text_index.new_zeros(1)

@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -53,8 +54,29 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
                                    verbose=False)
+        _unlink_shm_allreduce_buffer(dist.get_rank())
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """Where DeepSpeed's CPU backend puts `rank`'s shared-memory all-reduce workspace (its shm.cpp
+    naming) when every rank is on one host."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed never unlinks that workspace (deepspeedai/DeepSpeed#4115), so every local CPU run,
+    killed or not, leaves 66 MB per rank in /dev/shm, i.e. in RAM, until the machine runs out of it.
+    Each rank has mapped all its peers' workspaces before init returns; after a barrier the names
+    are no longer needed, and the mappings live on until the processes exit."""
+    path = shm_allreduce_buffer(rank)
+    if dist.get_backend() != "gloo":
+        return
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 class PeerFailure(RuntimeError):

@@ -7,7 +7,8 @@ import torch
 from conftest import REALDATA
 from soho_ds.tasks.base import AnnotationError
 from soho_ds.tasks.nlvr2 import read_nlvr2
-from soho_ds.tasks.retrieval import read_coco_captions, read_flickr30k_entities, read_karpathy, recall_at_k
+from soho_ds.tasks.retrieval import (read_coco_captions, read_flickr30k_entities, read_karpathy, recall_at_k,
+                                     sample_hard)
 from soho_ds.tasks.snli_ve import read_snli_ve
 from soho_ds.tasks.vqa import build_answer_vocab, normalize_answer, read_vqa, soft_targets, vqa_accuracy
 
@@ -42,6 +43,19 @@ def test_fold_recall_uses_only_each_folds_images_and_captions():
     assert recall_at_k(scores, text_image, ks=(1,))["i2t_r1"] == pytest.approx(75.0)
     assert fold_recall(scores, text_image, 0, 2)["i2t_r1"] == pytest.approx(100.0)
     assert fold_recall(scores, text_image, 1, 2)["i2t_r1"] == pytest.approx(100.0)
+
+
+def test_hard_negatives_follow_the_softmax_of_their_scores_and_never_the_positive():
+    inf = float("-inf")
+    scores = torch.tensor([[inf, 0.0, 2.0, inf],  # softmax over {0, 2}: 0.119, 0.881
+                           [inf, inf, inf, inf]])  # no candidate: uniform
+    torch.manual_seed(0)
+    draws = torch.stack([sample_hard(scores) for _ in range(20000)])
+    first = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    second = torch.bincount(draws[:, 1], minlength=4).float() / len(draws)
+    assert first[0] == 0 and first[3] == 0  # masked pairs (same image) are never drawn
+    assert first[2].item() == pytest.approx(torch.tensor([0.0, 2.0]).softmax(0)[1].item(), abs=0.01)
+    assert second.tolist() == pytest.approx([0.25] * 4, abs=0.015)
 
 
 def test_vqa_accuracy_follows_the_official_rules():

@@ -126,6 +126,14 @@ def fold_recall(scores: torch.Tensor, text_image: torch.Tensor, fold: int, folds
     return recall_at_k(scores[lo:hi][:, cols], text_image[cols] - lo)
 
 
+def sample_hard(scores: torch.Tensor) -> torch.Tensor:
+    """One negative per row, drawn with probability softmax(score) (ALBEF) rather than the argmax:
+    short captions are often true of other images too, and the single best-scoring one would
+    then be a false negative at every step. Rows with no candidate (-inf only) draw uniformly."""
+    scores = torch.where(torch.isinf(scores).all(1, keepdim=True), torch.zeros_like(scores), scores)
+    return torch.multinomial(scores.float().softmax(1), 1).squeeze(1)
+
+
 class RetrievalModel(FinetuneModel):
     reused_heads = ("itm_head",)
 
@@ -140,8 +148,8 @@ class RetrievalModel(FinetuneModel):
         return logits[:, 1] - logits[:, 0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """B images with one caption each. Negatives: for each caption the highest-scoring other
-        image, and for each image the highest-scoring other caption (scored without gradient)."""
+        """B images with one caption each. Negatives from the batch: for each caption another image,
+        for each image another caption, each drawn by its score (`sample_hard`, without gradient)."""
         ids, mask, same = batch["input_ids"], batch["attention_mask"], batch["same_image"]
         B = ids.shape[0]
         tokens, _, grid = self.model.image_tokens(batch["images"])
@@ -150,8 +158,8 @@ class RetrievalModel(FinetuneModel):
             txt = torch.arange(B, device=ids.device).repeat(B)
             scores = self.pair_scores(tokens, grid, ids[txt], mask[txt], img).view(B, B)
             scores = scores.masked_fill(same, float("-inf"))  # a caption of the same image is no negative
-            hard_image = scores.argmax(0)  # for caption t
-            hard_text = scores.argmax(1)  # for image i
+            hard_image = sample_hard(scores.t())  # for caption t
+            hard_text = sample_hard(scores)  # for image i
         idx = torch.arange(B, device=ids.device)
         image_index = torch.cat([idx, hard_image, idx])
         text_index = torch.cat([idx, idx, hard_text])

@@ -71,12 +71,11 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
     killed or not, leaves 66 MB per rank in /dev/shm, i.e. in RAM, until the machine runs out of it.
     Each rank has mapped all its peers' workspaces before init returns; after a barrier the names
     are no longer needed, and the mappings live on until the processes exit."""
-    path = shm_allreduce_buffer(rank)
-    if dist.get_backend() != "gloo":
+    if dist.get_backend() != "gloo":  # only the CPU accelerator creates them
         return
     dist.barrier()
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+        shm_allreduce_buffer(rank).unlink()
 
 
 class PeerFailure(RuntimeError):

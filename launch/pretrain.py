@@ -4,7 +4,8 @@
 """
 import argparse
 
-from soho_ds.pretrain.run import add_run_arguments, pretrain
+from soho_ds.pretrain.run import pretrain
+from soho_ds.runtime.run import add_run_arguments, main
 
 if __name__ == "__main__":
-    pretrain(add_run_arguments(argparse.ArgumentParser(description=__doc__)).parse_args())
+    main(pretrain, add_run_arguments(argparse.ArgumentParser(description=__doc__)))

@@ -1,16 +1,14 @@
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from soho_ds.runtime.config import ModelConfig  # noqa: E402
+from soho_ds.config import ModelConfig  # noqa: E402
 
 
 def _sweep_orphaned_deepspeed_shm():
@@ -47,11 +45,13 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
-    """120 train images in 3 shards (+3 malformed samples), 40 val images in 1 shard, 64 px."""
-    from soho_ds.data.synthetic import make_dataset
+    """120 train images in 3 shards (+5 malformed samples, one of each kind), 40 val images in 1 shard;
+    shorter side 64 px, a third of them 4:3 or 3:4."""
+    from soho_ds.synthetic.shards import make_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
-    make_dataset(out, num_train=120, num_val=40, samples_per_shard=41, image_size=64, seed=3, malformed=3)
+    make_dataset(out, num_train=120, num_val=40, samples_per_shard=42, image_size=64, seed=3, malformed=5,
+                 non_square=0.35)
     return out
 
 
@@ -65,10 +65,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def downstream(tmp_path_factory) -> Path:
     """Synthetic retrieval / VQA / NLVR2 / SNLI-VE sets in the real formats: 160 train, 40 eval images."""
-    from soho_ds.data.synthetic import make_downstream
+    from soho_ds.synthetic.downstream import make_downstream
 
     out = tmp_path_factory.mktemp("downstream")
-    make_downstream(out, num_train=160, num_eval=40, image_size=64, seed=5)
+    make_downstream(out, num_train=160, num_eval=40, image_size=64, seed=5, non_square=0.35)
     return out
 
 
@@ -82,3 +82,61 @@ def downstream_paths(task: str, root: Path) -> list[str]:
         "snli_ve": {"train_file": "snli_ve/snli_ve_train.jsonl", "eval_file": "snli_ve/snli_ve_dev.jsonl"},
     }[task]
     return [f"task.{k}={root / v}" for k, v in files.items()] + [f"task.image_root={root / 'images'}"]
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """This pytest process as a world of one (gloo), for in-process engine and finetune tests. DeepSpeed
+    caches its groups, so the world is made once per session; at the end it is destroyed and the
+    distributed environment variables are restored, so nothing is left behind."""
+    import torch.distributed as dist
+
+    from soho_ds.runtime.dist import init_distributed
+
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in names}
+    info = init_distributed()
+    yield info
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def grounded(tmp_path_factory, world_of_one):
+    """`make demo`'s pretraining on its own smaller world, in this process (one rank: the multi-rank
+    path is proven by test_pretrain_distributed / test_scale_out): the synthetic shards, the stand-in
+    CNN (tools/pretrain_backbone.py's defaults), configs/pretrain_synthetic.yaml as shipped with
+    ds_configs/zero2_cpu_demo.json; and a downstream set to finetune on. Shared by every test that
+    needs a trained model."""
+    import argparse
+    import time
+
+    import torch
+
+    from soho_ds.pretrain.run import pretrain
+    from soho_ds.runtime.run import add_run_arguments
+    from soho_ds.synthetic.backbone import train_concept_classifier
+    from soho_ds.synthetic.downstream import make_downstream
+    from soho_ds.synthetic.shards import make_dataset
+
+    root = tmp_path_factory.mktemp("grounding")
+    t0 = time.time()
+    make_dataset(root / "shards", num_train=1200, num_val=200, samples_per_shard=200, image_size=128, seed=0,
+                 non_square=0.3)
+    make_downstream(root / "downstream", num_train=160, num_eval=20, image_size=128, seed=12, non_square=0.3)
+    state, report = train_concept_classifier(f"{root}/shards/train", f"{root}/shards/val")
+    torch.save(state, root / "resnet18_concepts.pth")
+    run = root / "pretrain"
+    argv = ["--deepspeed_config", str(ROOT / "ds_configs" / "zero2_cpu_demo.json"),
+            "--config", str(ROOT / "configs" / "pretrain_synthetic.yaml")]
+    for s in (f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
+              f"model.backbone_weights={root}/resnet18_concepts.pth", f"train.output_dir={run}", "train.eval_every=40"):
+        argv += ["--set", s]
+    metrics = pretrain(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
+    return {"root": root, "run": run, "checkpoint": run / "checkpoints", "concepts": report, "metrics": metrics,
+            "downstream": root / "downstream", "seconds": time.time() - t0}

@@ -2,10 +2,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from soho_ds.runtime.config import ConfigError, load_config, load_ds_config, resolve_batch
-from soho_ds.runtime.engine import lr_factor, param_groups, resolve_precision
-from soho_ds.runtime.config import TrainConfig
+from soho_ds.config import ConfigError, TrainConfig, load_config
+from soho_ds.runtime.engine import (load_ds_config, param_groups, resolve_batch, resolve_precision,
+                                    validate_ds_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,27 +19,42 @@ def write(tmp_path, text, name="run.yaml"):
 
 
 def test_shipped_configs_load(synthetic_data, downstream, tmp_path):
-    """Every shipped config passes validation once its data paths point at files that exist here."""
-    import yaml
-
+    """Every shipped config passes validation once its data paths point at files that exist here,
+    and states its image mode."""
     from conftest import downstream_paths
 
     backbone = tmp_path / "resnet18_concepts.pth"  # what tools/pretrain_backbone.py writes (make data)
     backbone.touch()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         tree = yaml.safe_load(path.read_text())
+        assert tree["data"]["image_mode"] in ("aspect", "square"), path
         task = (tree.get("task") or {}).get("name")
         if task:
             overrides = downstream_paths(task, downstream)
+            assert set(tree.get("model") or {}) <= {"use_vd", "dropout"}, path  # the checkpoint carries the rest
         else:
             overrides = [f"data.train_shards={synthetic_data}/train", f"data.val_shards={synthetic_data}/val"]
-        if tree["model"].get("backbone_weights"):
+        if (tree.get("model") or {}).get("backbone_weights"):
             assert tree["model"]["backbone_weights"] == "data/synthetic/resnet18_concepts.pth", path
             overrides.append(f"model.backbone_weights={backbone}")
         cfg = load_config(path, overrides)
         assert cfg.source == str(path) and cfg.task.name == (task or "")
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
-        assert load_ds_config(path)["zero_optimization"]["stage"] == 2
+        ds = load_ds_config(path)
+        validate_ds_config(resolve_batch(ds, 2, str(path)), str(path))
+        assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_real_recipes_are_sohos():
+    coco = load_config(ROOT / "configs/pretrain_coco_vg.yaml", ["data.train_shards=null"])
+    assert (coco.data.image_mode, coco.data.shorter_side, coco.data.longer_side) == ("aspect", 600, 1000)
+    assert coco.model.pool_last and coco.pretrain.mvm_unit == "pair" and coco.pretrain.mvm_prob == 0.015
+    assert coco.train.cnn_optimizer == "sgd" and coco.train.cnn_lr_mult == 100
+    vqa = load_config(ROOT / "configs/finetune_vqa.yaml", ["task.train_file=null", "task.train_answers=null",
+                                                           "task.eval_file=/", "task.eval_answers=null",
+                                                           "task.image_root=/"])
+    assert vqa.data.train_shorter_sides == (400, 500, 600, 700, 800) and vqa.data.shorter_side == 600
+    assert vqa.data.longer_side == 1000 and not vqa.model.use_vd and "{subtype}" in vqa.task.image_pattern
 
 
 @pytest.mark.parametrize("text, message", [
@@ -45,9 +62,14 @@ def test_shipped_configs_load(synthetic_data, downstream, tmp_path):
     ("model:\n  num_layers: two\n", r"run.yaml: model.num_layers: expected int, got str"),
     ("model:\n  backbone: resnet19\n", r"run.yaml: model.backbone must be one of"),
     ("data:\n  crop_scale: [0.5]\n", r"run.yaml: data.crop_scale: expected a list of 2 values"),
-    ("data:\n  image_size: 100\n", r"run.yaml: data.image_size must be a multiple of 32"),
+    ("data:\n  image_mode: square\n  image_size: 100\n", r"run.yaml: data.image_size must be a multiple of 64, the "
+                                                         r"CNN stride with model.pool_last"),
+    ("model:\n  pool_last: true\ndata:\n  image_mode: square\n  image_size: 96\n", r"multiple of 64"),
+    ("data:\n  image_mode: squashed\n", r"run.yaml: data.image_mode must be one of"),
+    ("data:\n  shorter_side: 600\n  longer_side: 500\n", r"run.yaml: data.longer_side must be at least"),
+    ("pretrain:\n  mvm_unit: caption\n", r"run.yaml: pretrain.mvm_unit must be one of"),
+    ("train:\n  cnn_optimizer: lamb\n", r"run.yaml: train.cnn_optimizer must be one of"),
     ("train:\n  warmup_steps: 50\n  max_steps: 10\n", r"run.yaml: train.warmup_steps must be in"),
-    ("data:\n  train_shards: /nonexistent/shards\n", r"run.yaml: data.train_shards matches no .tar file"),
     ("model:\n  bert_dir: /nonexistent/bert\n", r"run.yaml: model.bert_dir path does not exist"),
     ("model: [1, 2\n", r"run.yaml: not valid YAML"),
     ("optimizer:\n  lr: 1\n", r"run.yaml: top level: unknown key\(s\) \['optimizer'\]"),
@@ -57,6 +79,11 @@ def test_broken_config_is_refused_naming_file_and_key(tmp_path, text, message):
         load_config(write(tmp_path, text))
 
 
+def test_square_side_only_needs_stride_32_without_pool_last(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  pool_last: false\ndata:\n  image_mode: square\n  image_size: 96\n"))
+    assert cfg.model.stride == 32 and cfg.data.image_size == 96
+
+
 def test_overrides_pass_through_the_same_validation(tmp_path):
     path = write(tmp_path, "train:\n  max_steps: 10\n  warmup_steps: 1\n")
     assert load_config(path, ["train.lr=2e-4", "model.num_layers=3"]).train.lr == 2e-4
@@ -64,14 +91,51 @@ def test_overrides_pass_through_the_same_validation(tmp_path):
         load_config(path, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(path, ["train.lrr=1e-4"])
+    several = load_config(path, ["data.train_shards=[a, b]", "data.val_shards=c"])
+    assert several.data.train_shards == ("a", "b") and several.data.val_shards == ("c",)
 
 
-def test_deepspeed_config_is_checked(tmp_path):
+def test_the_checkpoint_carries_the_model(tmp_path):
+    """--init's run config supplies the architecture; a finetune YAML may change only the finetune
+    keys; a contradiction is refused naming the key; weight sources are refused."""
+    saved = {"model": {"backbone": "resnet18", "pool_last": False, "hidden_size": 64, "num_layers": 2,
+                       "num_heads": 2, "intermediate_size": 128, "vd_size": 32, "use_vd": True, "dropout": 0.1,
+                       "backbone_weights": "/somewhere/weights.pth", "bert_dir": "pkg:x/y"},
+             "data": {"tokenizer_dir": None}}
+    ckpt = (saved, "ckpt/run_config.yaml")
+    ok = write(tmp_path, "model:\n  use_vd: false\n  dropout: 0.0\n  hidden_size: 64\n")
+    cfg = load_config(ok, checkpoint_config=ckpt)
+    m = cfg.model
+    assert (m.backbone, m.hidden_size, m.num_layers, m.pool_last, m.vd_size) == ("resnet18", 64, 2, False, 32)
+    assert not m.use_vd and m.dropout == 0.0  # the finetune's own choices
+    assert m.backbone_weights is None and m.bert_dir is None  # the weights come from the checkpoint
+    with pytest.raises(ConfigError, match=r"other.yaml: model.pool_last is True but the checkpoint was trained with "
+                                          r"False \(ckpt/run_config.yaml\)"):
+        load_config(write(tmp_path, "model:\n  pool_last: true\n", "other.yaml"), checkpoint_config=ckpt)
+    with pytest.raises(ConfigError, match=r"model.hidden_size is 768"):
+        load_config(ok, ["model.hidden_size=768"], checkpoint_config=ckpt)
+    with pytest.raises(ConfigError, match=r"model.backbone_weights: the weights come from the checkpoint"):
+        load_config(write(tmp_path, "model:\n  backbone_weights: /x.pth\n", "other.yaml"), checkpoint_config=ckpt)
+
+
+def test_deepspeed_config_is_checked_by_deepspeeds_own_model_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
         load_ds_config(write(tmp_path, "{broken", "ds.json"))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is required"):
         load_ds_config(write(tmp_path, json.dumps({"train_batch_size": 8}), "ds.json"))
-
+    with pytest.raises(ConfigError, match=r"ds.json: train_micro_batch_size_per_gpu must be a positive integer, "
+                                          r"got '2'"):
+        load_ds_config(write(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": "2"}), "ds.json"))
+    seven = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 7}}
+    with pytest.raises(ConfigError, match=r"ds.json: DeepSpeed refuses this config"):
+        validate_ds_config(resolve_batch(seven, 1, "ds.json"), "ds.json")
+    wrong_type = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                  "fp16": {"enabled": True, "loss_scale_window": "often"}}
+    with pytest.raises(ConfigError, match=r"ds.json: DeepSpeed refuses this config"):
+        validate_ds_config(resolve_batch(wrong_type, 1, "ds.json"), "ds.json")
+    stage3 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage must be 1 or 2"):
+        validate_ds_config(resolve_batch(stage3, 1, "ds.json"), "ds.json")
 
 
 def test_global_batch_is_the_configured_one_at_every_world_size():
@@ -101,41 +165,63 @@ def test_precision_resolution():
     assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"] and "buffer_dtype" not in fp32["data_types"]
 
 
-def test_lr_schedule_warms_up_then_decays():
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr_decay="linear")
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(55, cfg) == pytest.approx(0.5)
-    assert lr_factor(100, cfg) == pytest.approx(0.0)
-    cos = TrainConfig(max_steps=100, warmup_steps=0, lr_decay="cosine")
-    assert lr_factor(50, cos) == pytest.approx(0.5)
+def _engine_lrs(cfg: TrainConfig, steps: int) -> list[float]:
+    from soho_ds.runtime.dist import init_distributed
+    from soho_ds.runtime.engine import build_engine
+
+    init_distributed()
+    model = torch.nn.Linear(2, 2)
+    engine = build_engine(model, cfg, {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                                       "zero_optimization": {"stage": 2}})
+    lrs = []
+    for _ in range(steps):
+        lrs.append(engine.get_lr()[0])
+        engine.backward(engine(torch.ones(1, 2)).sum())
+        engine.step()
+    return lrs
+
+
+def test_lr_schedule_is_transformers_warm_up_then_decay(world_of_one):
+    lin = _engine_lrs(TrainConfig(lr=1.0, max_steps=10, warmup_steps=2, lr_decay="linear"), 10)
+    assert lin == pytest.approx([0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    cos = _engine_lrs(TrainConfig(lr=1.0, max_steps=4, warmup_steps=0, lr_decay="cosine"), 4)
+    assert cos == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    const = _engine_lrs(TrainConfig(lr=0.5, max_steps=4, warmup_steps=1, lr_decay="constant"), 4)
+    assert const == pytest.approx([0.0, 0.5, 0.5, 0.5])
 
 
 def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_decay_on_norms():
     from conftest import tiny_model_config
+    from soho_ds.config import PretrainConfig
     from soho_ds.pretrain.model import SohoPretrainer
-    from soho_ds.runtime.config import PretrainConfig
 
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(itc_weight=1.0))
     groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0, head_lr_mult=5.0))}
     assert groups["cnn"]["lr"] == pytest.approx(1e-3) and groups["transformer"]["lr"] == pytest.approx(1e-4)
     assert groups["head"]["lr"] == pytest.approx(5e-4)
     assert groups["transformer_no_decay"]["weight_decay"] == 0.0
+    assert {g["optimizer"] for g in groups.values()} == {"adamw"}
     head = {id(p) for g in ("head", "head_no_decay") for p in groups[g]["params"]}
     heads = (model.mlm_head, model.itm_head, model.mvm_head, model.itc_head)
-    tied = {id(model.model.fusion.word_embeddings.weight)}  # the MLM decoder is the word embedding
+    tied = {id(model.model.word_embeddings.weight)}  # the MLM decoder is the word embedding
     assert head == {id(p) for h in heads for p in h.parameters()} - tied
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups.values()) == n_trainable
+    sgd = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_optimizer="sgd", cnn_lr_mult=100.0))}
+    assert sgd["cnn"]["optimizer"] == "sgd" and sgd["cnn"]["weight_decay"] == 1e-4 and sgd["cnn"]["lr"] == 1e-2
+    assert sgd["transformer"]["optimizer"] == "adamw" and sgd["transformer"]["weight_decay"] == 0.01
 
 
-def test_engine_optimizer_is_torchs_fused_adamw_and_matches_it_step_for_step():
+def _reference_step(reference, x, clip):
+    reference(x).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+
+
+def test_engine_optimizer_is_torchs_fused_adamw_and_matches_it_step_for_step(world_of_one):
     """ZeRO-2 runs the client AdamW over flat partitions; with the fused kernel (one pass instead of
     ~8 over memory) its update must still equal plain torch AdamW + norm clipping on the
     unflattened parameters (clipping stated: DeepSpeed clips at 1.0 when the JSON says nothing)."""
     import copy
-
-    import torch
 
     from soho_ds.runtime.dist import init_distributed
     from soho_ds.runtime.engine import build_engine
@@ -155,8 +241,56 @@ def test_engine_optimizer_is_torchs_fused_adamw_and_matches_it_step_for_step():
         engine.backward(engine(x).square().mean())
         engine.step()
         ref_opt.zero_grad()
-        reference(x).square().mean().backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        _reference_step(reference, x, 0.5)
         ref_opt.step()
     for p, q in zip(engine.module.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class _TwoPart(torch.nn.Module):
+    """A 'backbone' (SGD in SOHO's recipe) and a 'fusion' part (AdamW), as param_groups sees names."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+        self.fusion = torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fusion(self.backbone(x))
+
+
+def test_sgd_for_the_cnn_and_adamw_for_the_rest_match_plain_torch_step_for_step(world_of_one):
+    """SOHO's optimizer recipe under one ZeRO-2 client optimizer equals torch.optim.SGD (momentum,
+    weight decay, 100x lr) on the CNN plus torch.optim.AdamW on the rest, step for step."""
+    import copy
+
+    from soho_ds.runtime.dist import init_distributed
+    from soho_ds.runtime.engine import SGDAdamW, build_engine
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = _TwoPart()
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=0, lr_decay="constant", cnn_optimizer="sgd", cnn_lr_mult=100.0,
+                      cnn_momentum=0.9, cnn_weight_decay=1e-4, weight_decay=0.01)
+    engine = build_engine(model, cfg, {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4,
+                                       "zero_optimization": {"stage": 2}, "gradient_clipping": 10.0})
+    assert isinstance(engine.basic_optimizer, SGDAdamW)
+    groups = param_groups(reference, cfg)
+    sgd = torch.optim.SGD([g for g in groups if g["optimizer"] == "sgd"], lr=0.1, momentum=0.9)
+    adamw = torch.optim.AdamW([g for g in groups if g["optimizer"] == "adamw"], lr=1e-3, betas=cfg.betas,
+                              eps=cfg.eps)
+    for step in range(4):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        sgd.zero_grad()
+        adamw.zero_grad()
+        _reference_step(reference, x, 10.0)
+        sgd.step()
+        adamw.step()
+    for (name, p), q in zip(engine.module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    state = engine.basic_optimizer.state_dict()["state"]
+    assert {"momentum_buffer"} <= {k for s in state.values() for k in s} and {"exp_avg"} <= {k for s in
+                                                                                              state.values() for k in s}

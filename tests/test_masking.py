@@ -72,16 +72,50 @@ def test_itm_negatives_are_other_images_captions_and_carry_no_mlm(tokenizer):
 def test_mvm_masks_every_cell_of_the_chosen_visual_word():
     g = torch.Generator().manual_seed(0)
     vd_index = torch.tensor([[1, 2, 1, 3, 1, 2], [4, 4, 5, 6, 7, 4]])
-    mask = sample_mvm_mask(vd_index, prob=1.0, generator=g)
+    mask = sample_mvm_mask(vd_index, None, prob=1.0, generator=g)
     for row, m in zip(vd_index, mask):
         chosen = row[m]
         assert len(chosen) > 0 and (chosen == chosen[0]).all()
         assert m.sum() == (row == chosen[0]).sum()  # all cells of that word, and only those
 
 
-def test_mvm_masks_images_with_the_configured_probability():
+def test_mvm_masks_rows_with_the_configured_probability():
     g = torch.Generator().manual_seed(0)
     vd_index = torch.randint(0, 50, (4000, 16), generator=g)
-    mask = sample_mvm_mask(vd_index, prob=0.3, generator=g)
+    mask = sample_mvm_mask(vd_index, None, prob=0.3, generator=g)
     assert abs(mask.any(1).float().mean().item() - 0.3) < 0.03
-    assert not sample_mvm_mask(vd_index, prob=0.0, generator=g).any()
+    assert not sample_mvm_mask(vd_index, None, prob=0.0, generator=g).any()
+
+
+def test_mvm_never_picks_or_masks_a_padding_cell():
+    """Padding cells share VD indices with valid ones here (they would in practice: the padding is one
+    colour); still no padding cell is ever the picked cell or masked with its word."""
+    g = torch.Generator().manual_seed(1)
+    vd_index = torch.randint(0, 3, (3000, 12), generator=g)
+    valid = torch.zeros(3000, 12, dtype=torch.bool)
+    valid[:, :5] = True
+    mask = sample_mvm_mask(vd_index, valid, prob=1.0, generator=g)
+    assert not (mask & ~valid).any()
+    assert mask.any(1).all()  # every row masked one of its valid words
+
+
+def test_mvm_probability_applies_per_image_caption_pair_as_the_official_code():
+    """With pretrain.mvm_unit = pair each caption's copy of its image is masked on its own draw: with
+    4 captions an image is masked in about 1 - (1 - p)^4 of its copies' rows, not shared."""
+    from conftest import tiny_model_config
+    from soho_ds.config import PretrainConfig
+    from soho_ds.pretrain.model import SohoPretrainer
+
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=0.3, mvm_unit="pair")).train()
+    visual = model.model.encode_image(torch.randn(2, 3, 64, 64))
+    model.model.commit()
+    image_index = torch.arange(2).repeat_interleave(2000)  # 2000 captions per image
+    mask = model.mvm_mask(visual, image_index)
+    per_pair = mask.any(1).float()
+    assert abs(per_pair.mean().item() - 0.3) < 0.03
+    # pairs of one image are masked independently (not all-or-nothing, as with mvm_unit: image)
+    assert 0.2 < per_pair[:2000].mean().item() < 0.4
+    model.cfg = PretrainConfig(mvm_prob=0.3, mvm_unit="image")
+    shared = model.mvm_mask(visual, image_index).any(1).float()
+    assert set(shared[:2000].tolist()) <= {0.0, 1.0} and shared[:2000].std() == 0

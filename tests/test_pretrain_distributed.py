@@ -1,10 +1,8 @@
 """End to end through the real entry point: `deepspeed launch/pretrain.py` with two CPU ranks (gloo)."""
-import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from launching import ENV, STEP_LINE, launch, launch_command
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, synthetic_data):
     tmp = tmp_path_factory.mktemp("zero2")
-    return tmp, launch(tmp, synthetic_data, ranks=2, steps=20, extra=["train.save_every=10"])
+    return tmp, launch(tmp, synthetic_data, ranks=2, steps=20, extra=["train.save_every=10", "train.image_log_every=10"])
 
 
 @pytest.mark.slow
@@ -35,9 +33,9 @@ def test_two_rank_zero2_run_lowers_the_loss(two_rank_run):
 def test_checkpoint_loads_back_to_the_same_weights(two_rank_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from soho_ds.models.backbone import load_checked
+    from soho_ds.config import load_config
+    from soho_ds.models.weights import load_checked
     from soho_ds.pretrain.model import SohoPretrainer
-    from soho_ds.runtime.config import load_config
 
     tmp, _ = two_rank_run
     ckpt = tmp / "run" / "checkpoints"
@@ -75,16 +73,25 @@ def test_tensorboard_has_every_training_scalar(two_rank_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "acc/itm", "train/lr", "train/loss_scale",
-                "perf/img_per_s", "vd/usage", "val/acc/itm"):
+                "train/grad_norm", "train/skipped_steps", "perf/img_per_s", "vd/usage", "vd/dead_entries",
+                "val/acc/itm"):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in events.Scalars("loss/mlm")][:20] == list(range(1, 21))
     assert 0.0 < events.Scalars("vd/usage")[-1].value <= 1.0
+    assert events.Scalars("train/grad_norm")[-1].value > 0
+    # pictures: images with a caption and the VD index map, at steps 10 and 20; a histogram of entry use
+    images = events.Tags()["images"]
+    assert {"pictures/0", "pictures/3"} <= set(images)
+    assert [e.step for e in events.Images("pictures/0")] == [10, 20]
+    picture = events.Images("pictures/0")[-1]
+    assert picture.width >= 2 * 64 and picture.height > 64  # image and overlay side by side, caption below
+    assert "vd/entry_count" in events.Tags()["histograms"]
 
 
 @pytest.mark.slow
 def test_consolidate_tool_writes_a_plain_state_dict_that_loads_without_deepspeed(two_rank_run):
+    from soho_ds.config import load_config
     from soho_ds.pretrain.model import SohoPretrainer
-    from soho_ds.runtime.config import load_config
 
     tmp, _ = two_rank_run
     ckpt, out = tmp / "run" / "checkpoints", tmp / "consolidated.pt"
@@ -93,7 +100,8 @@ def test_consolidate_tool_writes_a_plain_state_dict_that_loads_without_deepspeed
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = torch.load(out, weights_only=True)
-    cfg = load_config(ckpt / "step_00000020" / "run_config.yaml")
+    assert out.with_suffix(".yaml").read_text() == (ckpt / "step_00000020" / "run_config.yaml").read_text()
+    cfg = load_config(out.with_suffix(".yaml"))
     model = SohoPretrainer(cfg.model, cfg.pretrain)
     model.load_state_dict(state)  # strict: every key, every shape
     saved = torch.load(ckpt / "step_00000020" / "mp_rank_00_model_states.pt", map_location="cpu",

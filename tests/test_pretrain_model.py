@@ -1,12 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import tiny_model_config
 from soho_ds.data.text import PretrainTextBuilder
-from soho_ds.models.backbone import ResNetBackbone, load_checked
+from soho_ds.config import PretrainConfig
+from soho_ds.models.backbone import ResNetBackbone
 from soho_ds.models.soho import SohoModel, sine_position_encoding
+from soho_ds.models.weights import load_checked
 from soho_ds.pretrain.model import SohoPretrainer
-from soho_ds.runtime.config import PretrainConfig
 
 CAPS = [["a small red circle at the top", "one shape: a small red circle"],
         ["a large blue square on the left", "a blue square on a grey background"],
@@ -65,22 +68,82 @@ def test_pretraining_steps_lower_the_loss_on_a_fixed_batch(tokenizer):
 def test_image_features_are_computed_once_per_image(tokenizer):
     model = SohoModel(tiny_model_config()).eval()
     images = torch.randn(2, 3, 64, 64)
-    tokens, index, grid = model.image_tokens(images)
-    assert tokens.shape == (2, 4, 64) and index.shape == (2, 4) and grid == (2, 2)
+    visual = model.encode_image(images)
+    assert visual.tokens.shape == (2, 4, 64) and visual.vd_index.shape == (2, 4) and visual.grid == (2, 2)
+    assert visual.valid.all()
     ids = torch.randint(1000, 2000, (4, 6))
     image_index = torch.tensor([0, 0, 1, 1])
-    seq, pooled = model.fuse(ids, torch.ones_like(ids), tokens, grid, image_index)
+    seq, pooled = model.fuse(ids, torch.ones_like(ids), visual, image_index)
     assert seq.shape == (4, 6 + 4, 64) and pooled.shape == (4, 64)
     # Same as feeding each image twice.
-    t2, _, _ = model.image_tokens(images[image_index])
-    seq2, _ = model.fuse(ids, torch.ones_like(ids), t2, grid)
+    seq2, _ = model.fuse(ids, torch.ones_like(ids), model.encode_image(images[image_index]))
     assert torch.allclose(seq, seq2, atol=1e-5)
 
 
-def test_sine_position_encoding_is_distinct_per_cell():
-    code = sine_position_encoding(3, 4, 64)
+def test_position_code_is_distinct_per_cell_and_relative_to_the_valid_extent():
+    code = sine_position_encoding(torch.tensor([[3, 4]]), (3, 4), 64)[0]
     assert code.shape == (12, 64)
     assert torch.cdist(code, code).add(torch.eye(12) * 1e3).min() > 0.1
+    # an image of 2x2 valid cells padded into a 3x4 grid: its cells carry the codes of a 2x2 grid
+    small = sine_position_encoding(torch.tensor([[2, 2]]), (2, 2), 64)[0]
+    padded = sine_position_encoding(torch.tensor([[2, 2]]), (3, 4), 64)[0].reshape(3, 4, 64)[:2, :2].reshape(4, 64)
+    assert torch.equal(small, padded)
+    # the same relative place at another resolution (the centre of a 3x3 and of a 5x5 grid) has one code
+    c3 = sine_position_encoding(torch.tensor([[3, 3]]), (3, 3), 64)[0][4]
+    c5 = sine_position_encoding(torch.tensor([[5, 5]]), (5, 5), 64)[0][12]
+    torch.testing.assert_close(c3, c5)
+
+
+def test_padding_cells_are_invalid_and_never_reach_the_valid_outputs(tokenizer):
+    """Fusion output at valid positions does not change when the tokens of padding cells are
+    replaced by noise: the transformer never attends to them."""
+    torch.manual_seed(0)
+    model = SohoModel(tiny_model_config()).eval()
+    images = torch.randn(2, 3, 96, 128)
+    sizes = torch.tensor([[96, 128], [64, 70]])  # image 1 fills 2 x 3 of the 3 x 4 cells
+    visual = model.encode_image(images, sizes)
+    assert visual.valid[0].all() and visual.valid[1].reshape(3, 4).tolist() == [[True] * 3 + [False]] * 2 + [
+        [False] * 4]
+    ids = torch.randint(1000, 2000, (2, 6))
+    seq, pooled = model.fuse(ids, torch.ones_like(ids), visual)
+    noisy = dataclasses.replace(visual, tokens=torch.where(visual.valid[..., None], visual.tokens,
+                                                           torch.randn_like(visual.tokens) * 100))
+    seq_noisy, pooled_noisy = model.fuse(ids, torch.ones_like(ids), noisy)
+    keep = torch.cat([torch.ones(2, 6, dtype=torch.bool), visual.valid], 1)
+    torch.testing.assert_close(seq[keep], seq_noisy[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, pooled_noisy, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seq[~keep], seq_noisy[~keep])  # the noise did arrive where it may
+
+
+def test_pooled_visual_vector_for_itc_ignores_padding():
+    from soho_ds.models.heads import ContrastiveHead
+
+    head = ContrastiveHead(8, 4)
+    tokens = torch.randn(1, 5, 8)
+    valid = torch.tensor([[True, True, False, True, False]])
+    noisy = torch.where(valid[..., None], tokens, torch.randn(1, 5, 8) * 1e3)
+    torch.testing.assert_close(head.embed_image(tokens, valid), head.embed_image(noisy, valid))
+    torch.testing.assert_close(head.embed_image(tokens, valid), head.embed_image(tokens[:, [0, 1, 3]],
+                                                                                   valid[:, [0, 1, 3]]))
+
+
+def test_non_finite_images_leave_batchnorm_and_vd_statistics_untouched(tokenizer):
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(freeze_stem=False), PretrainConfig(mvm_prob=1.0)).train()
+    statistics = lambda: {k: v.clone() for k, v in model.state_dict().items()  # noqa: E731
+                          if "running" in k or "num_batches" in k or ".vd." in k}
+    before = statistics()
+    batch = make_batch(tokenizer)
+    batch["images"][1, 0, 5, 5] = float("nan")
+    model(batch)
+    after = statistics()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
+                                                                                                    after[k])]
+    model(make_batch(tokenizer, seed=1))  # a good batch updates them
+    changed = statistics()
+    assert not torch.equal(before["model.visual.vd.ema_count"], changed["model.visual.vd.ema_count"])
+    assert not torch.equal(before["model.backbone.layer2.0.bn1.running_mean"],
+                           changed["model.backbone.layer2.0.bn1.running_mean"])
 
 
 def test_backbone_loads_local_weights_and_refuses_mismatched_ones(tmp_path):
@@ -89,16 +152,16 @@ def test_backbone_loads_local_weights_and_refuses_mismatched_ones(tmp_path):
     net = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), path)
-    backbone = ResNetBackbone("resnet18", str(path), pool_last=False)
+    backbone = ResNetBackbone(name="resnet18", weights_path=str(path), pool_last=False)
     assert torch.equal(backbone.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
     assert torch.equal(backbone.stem[1].running_var, net.bn1.running_var)
     # a classifier of any size (ImageNet's 1000 classes, the synthetic stand-in's 10) is not the trunk's
     net.fc = torch.nn.Linear(512, 10)
     torch.save(net.state_dict(), path)
-    assert torch.equal(ResNetBackbone("resnet18", str(path)).layer1[0].conv1.weight, net.layer1[0].conv1.weight)
+    assert torch.equal(ResNetBackbone(name="resnet18", weights_path=str(path)).layer1[0].conv1.weight, net.layer1[0].conv1.weight)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="resnet18.pth: weights do not fit"):
-        ResNetBackbone("resnet18", str(path))
+        ResNetBackbone(name="resnet18", weights_path=str(path))
     with pytest.raises(ValueError, match="missing"):
         load_checked(net, {k: v for k, v in net.state_dict().items() if "fc" not in k}, "partial.pth")
 
@@ -116,7 +179,7 @@ def test_fusion_loads_a_local_pretrained_bert_folder(tmp_path):
 
 
 def test_concept_targets_name_each_images_colours_and_shapes():
-    from soho_ds.pretrain.backbone_init import CONCEPTS, concept_targets
+    from soho_ds.synthetic.backbone import CONCEPTS, concept_targets
 
     metas = [{"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"}]},
              {"objects": [{"colour": "yellow", "shape": "diamond"}]}]
@@ -129,7 +192,7 @@ def test_concept_targets_name_each_images_colours_and_shapes():
 def test_contrastive_loss_against_a_hand_computed_case():
     import math
 
-    from soho_ds.pretrain.objectives import contrastive_loss
+    from soho_ds.models.losses import contrastive_loss
 
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # text 0 describes image 1, text 1 describes image 0

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from soho_ds.data.pipeline import MEAN, STD, ShardLoader
+from soho_ds.config import PretrainConfig, SemanticConfig
+from soho_ds.data.pipeline import MEAN, STD, ImageSpec, ShardLoader
 from soho_ds.data.regions import RegionSpec, RegionTargets
-from soho_ds.data.synthetic import ATTRIBUTE_CLASSES, COLOURS, OBJECT_CLASSES, REGION_FEATURE_DIM
 from soho_ds.models.semantic import SemanticVisualHeads, attribute_loss, object_loss, region_feature_loss
 from soho_ds.pretrain.model import SohoPretrainer
-from soho_ds.runtime.config import PretrainConfig, SemanticConfig
+from soho_ds.synthetic.world import ATTRIBUTE_CLASSES, COLOURS, OBJECT_CLASSES, REGION_FEATURE_DIM
 
 from conftest import ROOT, tiny_model_config
 
@@ -25,15 +25,15 @@ SEMANTIC = SemanticConfig(object_weight=1.0, attribute_weight=1.0, feature_weigh
                           num_attributes=len(ATTRIBUTE_CLASSES), feature_dim=REGION_FEATURE_DIM)
 
 
-def colour_under_boxes(images, regions, mirror=False):
+def colour_under_boxes(images, image_sizes, regions, mirror=False):
     """For each box: the palette colour nearest the median pixel of its central 30% (None: background)."""
     pixels = images.permute(0, 2, 3, 1) * torch.tensor(STD) + torch.tensor(MEAN)  # (B, H, W, 3), 0-255
-    size = images.shape[-1]
     names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()), dtype=torch.float32)
     found = []
     for image_index, x0, y0, x1, y1 in regions.boxes.tolist():
         if mirror:
-            x0, x1 = size - x1, size - x0
+            width = int(image_sizes[int(image_index), 1])
+            x0, x1 = width - x1, width - x0
         cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
         ys = slice(int(cy - 0.15 * h), max(int(cy - 0.15 * h) + 1, int(math.ceil(cy + 0.15 * h))))
         xs = slice(int(cx - 0.15 * w), max(int(cx - 0.15 * w) + 1, int(math.ceil(cx + 0.15 * w))))
@@ -51,19 +51,26 @@ def true_colours(regions):
     return colours
 
 
-def test_boxes_follow_the_crop_resize_and_flip(synthetic_data):
-    loader = ShardLoader(str(synthetic_data / "train"), batch_size=16, image_size=96, train=True,
-                         crop_scale=(0.3, 1.0), hflip_prob=0.5, num_threads=1, seed=7, regions=SPEC)
+@pytest.mark.parametrize("spec", [ImageSpec(mode="square", image_size=96, crop_scale=(0.3, 1.0), hflip_prob=0.5),
+                                  ImageSpec(mode="aspect", shorter_side=80, longer_side=120, hflip_prob=0.5,
+                                            train_shorter_sides=(64, 80, 96))],
+                         ids=["square-crop", "aspect-multiscale"])
+def test_boxes_follow_the_crop_resize_and_flip(synthetic_data, spec):
+    loader = ShardLoader(str(synthetic_data / "train"), batch_size=16, spec=spec, train=True, num_threads=1, seed=7,
+                         regions=SPEC)
     hits = mirrored_hits = total = 0
     for step, batch in zip(range(4), loader.forever()):
         r = batch.regions
         assert r.boxes.shape[1] == 5 and r.objects.shape == (len(r.boxes),)
         assert r.attributes.shape == (len(r.boxes), len(ATTRIBUTE_CLASSES))
         assert r.features.shape == (len(r.boxes), REGION_FEATURE_DIM)
-        assert (r.boxes[:, 1:] >= 0).all() and (r.boxes[:, 1:] <= 96).all()
+        limits = batch.image_sizes[r.boxes[:, 0].long()]  # (R, 2) h, w of each box's image
+        assert (r.boxes[:, 1:] >= 0).all() and (r.boxes[:, 3] <= limits[:, 1]).all() and (
+            r.boxes[:, 4] <= limits[:, 0]).all()
         truth = true_colours(r)
-        hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r), truth))
-        mirrored_hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, r, mirror=True), truth))
+        hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, batch.image_sizes, r), truth))
+        mirrored_hits += sum(a == b for a, b in zip(colour_under_boxes(batch.images, batch.image_sizes, r, mirror=True),
+                                                    truth))
         total += len(truth)
     assert total > 80
     assert hits / total > 0.9, (hits, total)
@@ -73,17 +80,18 @@ def test_boxes_follow_the_crop_resize_and_flip(synthetic_data):
 
 def test_each_box_keeps_its_own_classes_and_feature(synthetic_data):
     """The surviving boxes' targets are picked by the indices DALI reports: checked against the JSON."""
-    from soho_ds.data.synthetic import ShapeObject
+    from soho_ds.synthetic.world import ShapeObject
 
-    loader = ShardLoader(str(synthetic_data / "val"), batch_size=8, image_size=64, train=False, num_threads=1,
-                         regions=SPEC)
+    loader = ShardLoader(str(synthetic_data / "val"), batch_size=8, spec=ImageSpec(mode="square", image_size=64),
+                         train=False, num_threads=1, regions=SPEC)
     batch = next(loader.epochs())
     r = batch.regions
     expected_rows = []
     for i, meta in enumerate(batch.metas):
         for obj in meta["objects"]:
             o = ShapeObject(obj["shape"], obj["colour"], obj["size"], tuple(obj["box"]))
-            expected_rows.append((i, [v * 64 / meta["width"] for v in obj["box"]], o.object_id, o.attribute_ids,
+            scale = [64 / meta["width"], 64 / meta["height"]] * 2
+            expected_rows.append((i, [v * f for v, f in zip(obj["box"], scale)], o.object_id, o.attribute_ids,
                                   o.region_feature()))
     assert len(expected_rows) == len(r.boxes)
     for (i, box, obj, attrs, feat), row, got_obj, got_attrs, got_feat in zip(
@@ -119,7 +127,7 @@ def test_roi_pooling_reads_the_grid_under_the_box():
     boxes = torch.tensor([[1, 96.0, 96.0, 160.0, 160.0],  # cells 3..5 of image 1: inside the patch
                           [0, 96.0, 96.0, 160.0, 160.0],  # same place, image 0: zeros
                           [1, 200.0, 0.0, 256.0, 40.0]])  # image 1, outside the patch
-    pooled = heads.pool(grid, boxes, image_size=256)
+    pooled = heads.pool(grid, boxes, stride=32)
     torch.testing.assert_close(pooled, torch.tensor([[5.0], [0.0], [0.0]]))
 
 
@@ -130,7 +138,8 @@ def test_images_without_boxes_add_nothing_but_keep_every_head_in_the_graph():
                                          "attribute_ids": [[0, 2]]}}]
     boxes = np.array([[[-1, -1, -1, -1]], [[0, 0, 0.5, 0.5]]], dtype=np.float32)
     kept = np.array([[-1], [0]])
-    r = RegionTargets.build(metas, boxes, kept, None, image_size=64, num_attributes=3, max_boxes=36)
+    r = RegionTargets.build(metas, boxes, kept, None, np.array([[64, 64], [64, 64]]), num_attributes=3,
+                            max_boxes=36)
     assert r.boxes.tolist() == [[1.0, 0.0, 0.0, 32.0, 32.0]] and r.objects.tolist() == [1]
     assert r.attributes.tolist() == [[1.0, 0.0, 1.0]] and r.features is None
 
@@ -140,7 +149,7 @@ def test_images_without_boxes_add_nothing_but_keep_every_head_in_the_graph():
     grid = torch.randn(2, 8, 2, 2, requires_grad=True)
     batch = {"region_boxes": r.boxes, "region_objects": r.objects, "region_attributes": r.attributes,
              "region_features": torch.ones(1, 4)}
-    total, out = heads(grid, batch, image_size=64)
+    total, out = heads(grid, batch, stride=32)
     total.backward()
     assert grid.grad[0].abs().sum() == 0 and grid.grad[1].abs().sum() > 0  # image a has no box: no signal
 
@@ -148,7 +157,7 @@ def test_images_without_boxes_add_nothing_but_keep_every_head_in_the_graph():
     heads.zero_grad()
     empty = {"region_boxes": torch.zeros(0, 5), "region_objects": torch.zeros(0, dtype=torch.long),
              "region_attributes": torch.zeros(0, 3), "region_features": torch.zeros(0, 4)}
-    total, out = heads(grid, empty, image_size=64)
+    total, out = heads(grid, empty, stride=32)
     assert total.item() == 0.0 and out["semantic/boxes_per_image"].item() == 0.0
     total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in heads.parameters())
@@ -157,11 +166,11 @@ def test_images_without_boxes_add_nothing_but_keep_every_head_in_the_graph():
 def test_pretrainer_adds_the_weighted_semantic_terms(synthetic_data, tokenizer):
     from soho_ds.data.text import PretrainTextBuilder
 
-    loader = ShardLoader(str(synthetic_data / "val"), batch_size=4, image_size=64, train=False, num_threads=1,
-                         regions=SPEC)
+    loader = ShardLoader(str(synthetic_data / "val"), batch_size=4, spec=ImageSpec(shorter_side=64, longer_side=96),
+                         train=False, num_threads=1, regions=SPEC)
     raw = next(loader.epochs())
     batch = PretrainTextBuilder(tokenizer, 24, 2, 0.15, 0.5, seed=0)([m["captions"] for m in raw.metas])
-    batch["images"] = raw.images
+    batch["images"], batch["image_sizes"] = raw.images, raw.image_sizes
     batch.update(raw.regions.as_batch())
     torch.manual_seed(0)
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(), SEMANTIC).train()
@@ -187,7 +196,7 @@ def test_loader_refuses_shards_without_detections(tmp_path, synthetic_data):
                 tout.addfile(m, tin.extractfile(m))
     index_shards(str(tmp_path))
     with pytest.raises(ValueError, match=r"000000\.tar: sample va\d+ has no boxes\.npy, feats\.npy member"):
-        ShardLoader(str(tmp_path), batch_size=4, image_size=64, train=True, num_threads=1, regions=SPEC)
+        ShardLoader(str(tmp_path), batch_size=4, spec=ImageSpec(), train=True, num_threads=1, regions=SPEC)
 
 
 def _b64(array, dtype):
@@ -200,7 +209,9 @@ def test_attach_detections_from_butd_tsv_and_npz(tmp_path, synthetic_data):
 
     shard = list_shards(str(synthetic_data / "val"))[0]
     with tarfile.open(shard) as tar:
-        keys = sorted(m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json"))
+        metas = {m.name[:-5]: json.loads(tar.extractfile(m).read()) for m in tar.getmembers()
+                 if m.name.endswith(".json")}
+    keys = sorted(k for k, meta in metas.items() if meta.get("captions"))
     rng = np.random.default_rng(0)
     truth = {}
     tsv = tmp_path / "dets.tsv"
@@ -211,21 +222,24 @@ def test_attach_detections_from_butd_tsv_and_npz(tmp_path, synthetic_data):
         for i, key in enumerate(keys[:-1]):  # the last image has no detections
             n = i % 3  # 0, 1 or 2 boxes
             x0, y0 = rng.uniform(0, 30, (2, n))
-            boxes = np.stack([x0, y0, x0 + 20, y0 + 25], 1).astype(np.float32)  # 64 px image
+            boxes = np.stack([x0, y0, x0 + 20, y0 + 25], 1).astype(np.float32)  # shorter side 64
+            w, h = metas[key]["width"], metas[key]["height"]
             objects, attrs, conf = rng.integers(0, 4, n), rng.integers(0, 8, n), np.where(np.arange(n) % 2, 0.9, 0.05)
             feats = rng.standard_normal((n, 6)).astype(np.float32)
             truth[key] = (boxes, objects, [[int(a)] if c >= 0.5 else [] for a, c in zip(attrs, conf)], feats)
             # LXMERT column order: height before width
-            writer.writerow([key, 64, 64, _b64(objects, np.int64), _b64(np.ones(n), np.float32), _b64(attrs, np.int64),
+            writer.writerow([key, h, w, _b64(objects, np.int64), _b64(np.ones(n), np.float32), _b64(attrs, np.int64),
                              _b64(conf, np.float32), n, _b64(boxes, np.float32), _b64(feats, np.float32)])
-            np.savez_compressed(npz_dir / f"{key}.npz", x=feats, bbox=boxes, num_bbox=n, image_h=64, image_w=64,
+            np.savez_compressed(npz_dir / f"{key}.npz", x=feats, bbox=boxes, num_bbox=n, image_h=h, image_w=w,
                                 info={"objects_id": objects, "objects_conf": np.ones(n), "attrs_id": attrs,
                                       "attrs_conf": conf})
     for source, out in ((tsv, tmp_path / "from_tsv"), (npz_dir, tmp_path / "from_npz")):
         subprocess.run([sys.executable, str(ROOT / "tools/attach_detections.py"), "--shards", shard, "--out", str(out),
                         "--detections", str(source), "--attr-threshold", "0.5"], check=True, capture_output=True)
-        loader = ShardLoader(str(out), batch_size=len(keys), image_size=64, train=False, num_threads=1,
-                             regions=RegionSpec(num_attributes=8, features=True, max_boxes=36))
+        # shorter side 64 and no cap on the longer: the images keep their size, boxes their pixels
+        loader = ShardLoader(str(out), batch_size=len(keys), spec=ImageSpec(shorter_side=64, longer_side=1000),
+                             train=False, num_threads=1, regions=RegionSpec(num_attributes=8, features=True,
+                                                                            max_boxes=36))
         batch = next(loader.epochs())
         r = batch.regions
         assert len(batch.metas) == len(keys)  # nothing dropped, with or without detections

@@ -7,8 +7,8 @@ import torch
 from conftest import REALDATA
 from soho_ds.tasks.base import AnnotationError
 from soho_ds.tasks.nlvr2 import read_nlvr2
-from soho_ds.tasks.retrieval import (read_coco_captions, read_flickr30k_entities, read_karpathy, recall_at_k,
-                                     sample_hard)
+from soho_ds.tasks.retrieval import (chance_recall, read_coco_captions, read_flickr30k_entities, read_karpathy,
+                                     recall_at_k, sample_hard)
 from soho_ds.tasks.snli_ve import read_snli_ve
 from soho_ds.tasks.vqa import build_answer_vocab, normalize_answer, read_vqa, soft_targets, vqa_accuracy
 
@@ -30,6 +30,28 @@ def test_recall_at_k_by_hand():
     assert r["t2i_r2"] == pytest.approx(75.0)
     assert r["t2i_r3"] == pytest.approx(100.0)
     assert r["rsum"] == pytest.approx(sum(v for k, v in r.items() if k != "rsum"))
+
+
+def test_recall_breaks_ties_by_index_deterministically():
+    """Tied scores rank the lower-indexed candidate first, whatever order a sort would give them."""
+    text_image = torch.tensor([0, 1, 2])
+    scores = torch.tensor([[0.5, 0.5, 0.5],  # image 0: all tied -> captions 0, 1, 2: its caption first
+                           [0.5, 0.5, 0.5],  # image 1: its caption 1 is second
+                           [0.1, 0.9, 0.9]])  # image 2: captions 1 and 2 tied at the top -> 1, then its 2
+    r = recall_at_k(scores, text_image, ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(100 / 3) and r["i2t_r2"] == pytest.approx(100.0)
+    # t2i: caption 0 -> images by score [0.5, 0.5, 0.1]: 0 first (rank 0); caption 1 -> [0.5, 0.5, 0.9]:
+    # image 2, then 0, then 1 (rank 2); caption 2 -> [0.5, 0.5, 0.9]: image 2 first (rank 0)
+    assert r["t2i_r1"] == pytest.approx(200 / 3) and r["t2i_r2"] == pytest.approx(200 / 3)
+    for _ in range(5):  # the same every time
+        assert recall_at_k(scores.clone(), text_image, ks=(1, 2)) == r
+
+
+def test_retrieval_chance_is_capped_at_100_for_small_splits():
+    chance = chance_recall(num_images=4, num_texts=20)
+    assert chance["t2i_r1"] == 25.0 and chance["t2i_r5"] == 100.0 and chance["t2i_r10"] == 100.0
+    assert all(0 < v <= 100 for v in chance.values())
+    assert chance_recall(20, 100)["i2t_r1"] == pytest.approx(5.0)
 
 
 def test_fold_recall_uses_only_each_folds_images_and_captions():
@@ -110,7 +132,7 @@ def test_synthetic_snli_ve_entailment_and_contradiction_share_their_templates(do
     import re
     from collections import Counter, defaultdict
 
-    from soho_ds.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES, SIZES
+    from soho_ds.synthetic.world import COLOURS, NUMBER_WORDS, SHAPES, SIZES
 
     words = "|".join([*COLOURS, *SHAPES, *SIZES, *NUMBER_WORDS.values()])
     examples = [e for split in ("train", "dev") for e in read_snli_ve(downstream / f"snli_ve/snli_ve_{split}.jsonl")
@@ -135,14 +157,16 @@ def test_karpathy_reader_on_real_records():
 
 @needs_realdata
 def test_coco_captions_reader_on_the_real_excerpt_and_photo():
-    from soho_ds.data.pipeline import ImageFileDecoder
+    from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 
     images = read_coco_captions(REALDATA / "coco/captions_val2014_excerpt.json")
     assert len(images) == 25 and all(len(im.captions) >= 5 for im in images)
     cat = next(im for im in images if im.image_id == "262148")
     assert cat.image == "COCO_val2014_000000262148.jpg"
-    pixels = ImageFileDecoder(64, 2, num_threads=1)([str(REALDATA / "coco/images" / cat.image)])
-    assert pixels.shape == (1, 3, 64, 64) and pixels.std() > 0.2
+    pixels, sizes = ImageFileDecoder(ImageSpec(mode="aspect", shorter_side=600, longer_side=1000, stride=64), 2,
+                                     num_threads=1)([str(REALDATA / "coco/images" / cat.image)])
+    # 640x512 -> shorter side 600: 750x600, padded to 768x640 (stride 64)
+    assert sizes.tolist() == [[600, 750]] and pixels.shape == (1, 3, 640, 768) and pixels.std() > 0.2
 
 
 @needs_realdata
@@ -162,13 +186,39 @@ def test_vqa_reader_on_the_real_fixture():
     q = next(q for q in qs if q.question_id == 458752000)
     assert q.image_id == 458752 and q.question == "What is this photo taken looking through?"
     assert vqa_accuracy("net", list(q.answers)) > 0.6
-    pattern = "COCO_train2014_{image_id:012d}.jpg"
-    assert (REALDATA / "coco/images" / pattern.format(image_id=q.image_id)).exists()
+    assert q.subtype == "train2014"
+
+
+@needs_realdata
+def test_each_vqa_split_finds_its_own_images_through_the_subtype(tmp_path, world_of_one):
+    """One pattern serves train and val: {subtype} comes from each questions file's data_subtype, so
+    train questions find COCO_train2014_* and val questions COCO_val2014_* (real file names)."""
+    from conftest import tiny_model_config
+    from soho_ds.config import RunConfig, TaskConfig
+    from soho_ds.tasks.vqa import VQATask
+
+    val = json.loads((REALDATA / "vqa_v2/allennlp_fixture/questions.json").read_text())
+    val["data_subtype"] = "val2014"
+    val["questions"] = [{"image_id": 262148, "question": "Where is he looking?", "question_id": 262148000},
+                        {"image_id": 393225, "question": "What is the man doing?", "question_id": 393225000}]
+    (tmp_path / "val_questions.json").write_text(json.dumps(val))
+    task_cfg = TaskConfig(name="vqa", train_file=str(REALDATA / "vqa_v2/allennlp_fixture/questions.json"),
+                          train_answers=str(REALDATA / "vqa_v2/allennlp_fixture/annotations.json"),
+                          eval_file=str(tmp_path / "val_questions.json"), image_root=str(REALDATA / "coco/images"),
+                          image_pattern="COCO_{subtype}_{image_id:012d}.jpg", num_answers=10)
+    cfg = RunConfig(model=tiny_model_config(), task=task_cfg)
+    task = VQATask(cfg, world_of_one, micro_batch=2)
+    assert {task.image_name(q) for q in task.train_examples} == {"COCO_train2014_000000458752.jpg"}
+    assert [task.image_name(q) for q in task.eval_questions] == ["COCO_val2014_000000262148.jpg",
+                                                                 "COCO_val2014_000000393225.jpg"]
+    batch = task.collate(task.eval_questions, train=False)
+    # SOHO's input (the default): shorter side 600 -> 750x600 and 897x600, padded to stride 32
+    assert batch["image_sizes"].tolist() == [[600, 750], [600, 897]] and batch["images"].shape == (2, 3, 608, 928)
 
 
 @needs_realdata
 def test_nlvr2_reader_on_real_dev_lines_and_images():
-    from soho_ds.data.pipeline import ImageFileDecoder
+    from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 
     dev = read_nlvr2(REALDATA / "nlvr2/dev_first40.json")
     assert len(dev) == 40 and {e.label for e in dev} == {0, 1}
@@ -176,7 +226,8 @@ def test_nlvr2_reader_on_real_dev_lines_and_images():
     assert first.identifier == "dev-850-0-0" and first.images == ("dev-850-0-img0.png", "dev-850-0-img1.png")
     # the ".png" files are JPEG data: decoded by content
     paths = [str(REALDATA / "nlvr2/images" / name) for e in dev[:8] for name in e.images]
-    assert ImageFileDecoder(64, 4, num_threads=1)(paths).shape == (16, 3, 64, 64)
+    images, sizes = ImageFileDecoder(ImageSpec(mode="aspect", shorter_side=64, longer_side=96), 4, num_threads=1)(paths)
+    assert images.shape[0] == 16 and (sizes.min(1).values <= 64).all() and (sizes.max(1).values <= 96).all()
     assert len(read_nlvr2(REALDATA / "nlvr2/balanced_dev_first5.json")) == 5
 
 

@@ -21,6 +21,8 @@ X = torch.tensor([[0.1, 0.1], [0.9, 0.2], [1.1, -0.1], [0.2, 0.8]])
 def test_vd_assignment_and_ema_update_match_hand_computation():
     vd = hand_vd()
     q, index = vd(X)
+    assert torch.equal(vd.ema_count, torch.ones(3))  # staged: nothing changes before the commit
+    vd.commit()
     # Squared distances by hand: x0 nearest e0 (0.02), x1 e1 (0.05), x2 e1 (0.02), x3 e2 (0.08).
     assert index.tolist() == [0, 1, 1, 2]
     # Output is the entry before the update.
@@ -42,11 +44,13 @@ def test_vd_assignment_and_ema_update_match_hand_computation():
 def test_vd_unused_entry_keeps_its_vector_and_eval_does_not_update():
     vd = hand_vd()
     vd(X[:3])  # nothing chooses entry 2
+    vd.commit()
     assert torch.equal(vd.embed[2], torch.tensor([0.0, 1.0]))
     assert vd.usage.item() == pytest.approx(2 / 3)
     before = vd.embed.clone()
     vd.eval()
     vd(X)
+    vd.commit()
     assert torch.equal(vd.embed, before)
 
 
@@ -63,9 +67,9 @@ def test_vd_gradient_reaches_the_cnn():
 
     torch.manual_seed(0)
     model = SohoModel(tiny_model_config()).train()
-    tokens, index, grid = model.image_tokens(torch.randn(2, 3, 64, 64))
+    visual = model.encode_image(torch.randn(2, 3, 64, 64))
     ids = torch.randint(1000, 2000, (2, 6))
-    seq, pooled = model.fuse(ids, torch.ones_like(ids), tokens, grid)
+    seq, pooled = model.fuse(ids, torch.ones_like(ids), visual)
     pooled.sum().backward()
     grad = model.backbone.layer4[-1].conv2.weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -77,6 +81,7 @@ def test_vd_initialises_from_data_and_restarts_dead_entries():
     torch.manual_seed(0)
     vd = VisualDictionary(num_entries=4, dim=2, momentum=0.99).train()
     vd(x)
+    vd.commit()
     # Entries start as features of that batch; with momentum 0.99 one EMA step barely moves them.
     assert bool(vd.initialised)
     assert all(any(torch.allclose(e, row, atol=0.1) for row in x) for e in vd.embed)
@@ -85,9 +90,10 @@ def test_vd_initialises_from_data_and_restarts_dead_entries():
     vd = VisualDictionary(num_entries=4, dim=2, momentum=0.5, restart_below=0.2).train()
     vd(x)
     # Feed one cluster only: the other entries decay below 0.2 of the mean count and are
-    # re-seeded from the current features.
+    # re-seeded from the current features (each forward commits the step before it).
     for _ in range(6):
         vd(x[:2])
+    vd.commit()
     assert vd.restarts.item() > 0
     assert all(any(torch.allclose(e, row, atol=0.11) for row in x[:2]) for e in vd.embed)
 
@@ -95,10 +101,13 @@ def test_vd_initialises_from_data_and_restarts_dead_entries():
 def _vd_worker(rank, world, port, batches, kwargs, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # identical initial table on every rank
-    vd = VisualDictionary(**kwargs).train()
+    vd = VisualDictionary(**{k: v for k, v in kwargs.items() if k != "poison_rank_step"}).train()
     torch.manual_seed(100 + rank)  # but different per-rank randomness afterwards
-    for step_batches in batches:
-        vd(step_batches[rank])
+    for i, step_batches in enumerate(batches):
+        bad = kwargs.get("poison_rank_step") == (rank, i)
+        x = step_batches[rank] * (float("nan") if bad else 1.0)
+        vd(x)
+        vd.commit()
     out[rank] = {k: v.clone() for k, v in vd.state_dict().items()}
     dist.destroy_process_group()
 
@@ -121,6 +130,7 @@ def test_vd_two_ranks_identical_and_equal_to_one_rank_with_both_batches():
     single = VisualDictionary(**kwargs).train()
     for a, b in steps:
         single(torch.cat([a, b]))
+        single.commit()
     for k, v in single.state_dict().items():
         assert torch.allclose(rank0[k], v, rtol=1e-6, atol=1e-6), k  # sums differ only in addition order
 
@@ -135,3 +145,70 @@ def test_vd_ranks_stay_identical_with_data_init_and_restarts():
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
     assert bool(rank0["initialised"])
+
+
+def test_padding_cells_leave_no_trace_in_the_vd_statistics():
+    """A padded batch (padding cells hold anything, even NaN) updates the VD exactly as its valid
+    cells alone do (counts, sums, entries, usage), and entries initialised or re-seeded from data
+    are always valid features."""
+    g = torch.Generator().manual_seed(4)
+    valid = torch.rand(6, 10, generator=g) < 0.6
+    valid[:, 0] = True  # every image has a valid cell
+    x = torch.randn(6, 10, 8, generator=g)
+    padded = torch.where(valid[..., None], x, torch.randn(6, 10, 8, generator=g) * 50)
+    padded[~valid] = float("nan")
+    kwargs = dict(num_entries=8, dim=8, momentum=0.7, init_from_data=False, restart_below=0.0)
+    torch.manual_seed(0)
+    with_padding = VisualDictionary(**kwargs).train()
+    torch.manual_seed(0)
+    alone = VisualDictionary(**kwargs).train()
+    for step in range(3):
+        with_padding(padded + step, valid)
+        with_padding.commit()
+        alone(x[valid][None] + step)
+        alone.commit()
+    for name in ("embed", "ema_count", "ema_sum", "usage"):
+        torch.testing.assert_close(getattr(with_padding, name), getattr(alone, name), rtol=1e-6, atol=1e-6)
+
+    from soho_ds.models.visual_dictionary import _gather_candidates
+
+    flat, weight = padded.reshape(-1, 8), valid.reshape(-1).float()
+    drawn = _gather_candidates(torch.nan_to_num(flat), weight, 500)  # re-seeding candidates
+    assert torch.isfinite(drawn).all() and all((x[valid] == row).all(1).any() for row in drawn)
+    seeded = VisualDictionary(num_entries=16, dim=8, momentum=0.999).train()
+    seeded(padded, valid)  # entries start at valid features of this batch
+    seeded.commit()
+    assert all((x[valid] - e).abs().max(1).values.min() < 0.05 for e in seeded.embed)
+
+
+def test_a_non_finite_batch_or_a_refused_commit_leaves_the_vd_untouched():
+    vd = hand_vd()
+    before = {k: v.clone() for k, v in vd.state_dict().items()}
+    vd(X * float("nan"))  # non-finite input
+    vd.commit()
+    vd(X)
+    vd.commit(torch.tensor(False))  # the loss was not finite
+    for k, v in vd.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    vd(X)
+    vd.commit(torch.tensor(True))
+    assert not torch.equal(vd.ema_count, before["ema_count"])
+
+
+@pytest.mark.slow
+def test_one_ranks_bad_batch_stops_the_update_on_every_rank():
+    g = torch.Generator().manual_seed(3)
+    steps = [[torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)] for _ in range(3)]
+    kwargs = dict(num_entries=6, dim=4, momentum=0.5, init_from_data=False, restart_below=0.0,
+                  poison_rank_step=(1, 1))
+    rank0, rank1 = _run_two_ranks(steps, kwargs)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        assert torch.isfinite(rank0[k].float()).all(), k
+    torch.manual_seed(0)
+    single = VisualDictionary(num_entries=6, dim=4, momentum=0.5, init_from_data=False, restart_below=0.0).train()
+    for i, (a, b) in enumerate(steps):
+        if i != 1:  # the poisoned step is skipped on both ranks
+            single(torch.cat([a, b]))
+            single.commit()
+    torch.testing.assert_close(rank0["ema_count"], single.ema_count)

@@ -11,21 +11,18 @@ Writes benchmarks/bench_data.{json,md}.
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from soho_ds.bench.report import write_report  # noqa: E402
-from soho_ds.data.pipeline import MEAN, STD, ShardLoader  # noqa: E402
-from soho_ds.data.shards import list_shards  # noqa: E402
-from soho_ds.data.synthetic import make_dataset  # noqa: E402
+from soho_ds.bench.report import write_report
+from soho_ds.data.pipeline import MEAN, STD, ImageSpec, ShardLoader
+from soho_ds.data.shards import list_shards
+from soho_ds.synthetic.shards import make_dataset
 
 
 class TarImages(Dataset):
@@ -84,8 +81,8 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         make_dataset(tmp.name, num_train=600, num_val=8, samples_per_shard=150, image_size=480, seed=0)
         shards = f"{tmp.name}/train"
-    dali = ShardLoader(shards, a.batch, a.image_size, train=True, crop_scale=(0.5, 1.0), hflip_prob=0.5,
-                       num_threads=a.threads, shuffle_buffer=64)
+    spec = ImageSpec(mode="square", image_size=a.image_size, crop_scale=(0.5, 1.0), hflip_prob=0.5)
+    dali = ShardLoader(shards, a.batch, spec, train=True, num_threads=a.threads, shuffle_buffer=64)
     dali_ips = images_per_second((b.images for b in dali.forever()), a.batch, a.batches)
 
     def endless(loader):

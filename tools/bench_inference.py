@@ -14,8 +14,6 @@ The paper's claim is that the pixel model is about 10x faster at inference. Repo
 latency and batch-N throughput. Writes benchmarks/bench_inference.{json,md}.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,12 +21,12 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.resnet import Bottleneck
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from soho_ds.bench.report import time_per_call, write_report  # noqa: E402
-from soho_ds.data.text import load_tokenizer  # noqa: E402
-from soho_ds.models.heads import ITMHead  # noqa: E402
-from soho_ds.models.soho import SohoModel  # noqa: E402
-from soho_ds.runtime.config import ModelConfig  # noqa: E402
+from soho_ds.bench.report import time_per_call, write_report
+from soho_ds.data.text import load_tokenizer
+from soho_ds.models.heads import ITMHead
+from soho_ds.models.fusion import CrossModalEncoder
+from soho_ds.models.soho import SohoModel
+from soho_ds.config import ModelConfig
 
 NUM_REGIONS = 36
 
@@ -40,8 +38,7 @@ class SohoScorer(nn.Module):
         self.itm = ITMHead(self.soho.hidden_size)
 
     def forward(self, images, input_ids, attention_mask):
-        tokens, _, grid = self.soho.image_tokens(images)
-        _, pooled = self.soho.fuse(input_ids, attention_mask, tokens, grid)
+        _, pooled = self.soho.fuse(input_ids, attention_mask, self.soho.encode_image(images))
         return self.itm(pooled)
 
 
@@ -58,7 +55,7 @@ class RegionScorer(nn.Module):
             if isinstance(block, Bottleneck):
                 block.bn3.weight.zero_()
         self.detector = FasterRCNN(backbone, num_classes=1601, min_size=600, max_size=1000)  # VG classes
-        self.fusion = SohoModel(cfg).fusion
+        self.fusion = CrossModalEncoder(cfg)
         hidden = self.fusion.config.hidden_size
         self.feature_proj = nn.Sequential(nn.Linear(1024, hidden), nn.LayerNorm(hidden))
         self.box_proj = nn.Sequential(nn.Linear(4, hidden), nn.LayerNorm(hidden))

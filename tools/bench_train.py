@@ -17,18 +17,16 @@ import argparse
 import copy
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from soho_ds.bench.report import sync, time_per_call, write_report  # noqa: E402
-from soho_ds.data.text import PretrainTextBuilder, load_tokenizer  # noqa: E402
-from soho_ds.pretrain.model import SohoPretrainer  # noqa: E402
-from soho_ds.runtime.config import ModelConfig, PretrainConfig, TrainConfig  # noqa: E402
-from soho_ds.runtime.dist import init_distributed  # noqa: E402
-from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision  # noqa: E402
+from soho_ds.bench.report import sync, time_per_call, write_report
+from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+from soho_ds.pretrain.model import SohoPretrainer
+from soho_ds.config import ModelConfig, PretrainConfig, TrainConfig
+from soho_ds.runtime.dist import init_distributed
+from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks

@@ -8,16 +8,13 @@ on a GPU) and the VD alone (train mode, features of the grid's shape) are timed 
 process. Target (issue 7): VD <= 5% of the step at K = 2048. Writes benchmarks/bench_vd.{json,md}.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from soho_ds.bench.report import time_per_call, write_report  # noqa: E402
-from soho_ds.data.text import PretrainTextBuilder, load_tokenizer  # noqa: E402
-from soho_ds.pretrain.model import SohoPretrainer  # noqa: E402
-from soho_ds.runtime.config import ModelConfig, PretrainConfig  # noqa: E402
+from soho_ds.bench.report import time_per_call, write_report
+from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+from soho_ds.pretrain.model import SohoPretrainer
+from soho_ds.config import ModelConfig, PretrainConfig
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from soho_ds.pretrain.backbone_init import CONCEPTS, train_concept_classifier
+from soho_ds.synthetic.backbone import CONCEPTS, train_concept_classifier
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="synthetic set written by tools/make_synthetic.py")
     p.add_argument("--out", required=True, help="where to write the .pth state dict")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -1,13 +1,21 @@
-"""NVIDIA DALI pipeline: WebDataset shards -> decoded, augmented, normalised image batches.
+"""NVIDIA DALI pipeline: WebDataset shards -> decoded, augmented, normalised, padded image batches.
 
-One pipeline definition serves both devices: with CUDA the JPEGs are decoded by nvJPEG
+One pipeline definition serves both devices: with CUDA the images are decoded by nvJPEG
 (`device="mixed"`) and augmented on the GPU; without it the same operators run on the CPU.
-Each rank reads its own slice of the samples (`shard_id=rank, num_shards=world`). The
-per-sample JSON travels beside the image as zero-padded bytes and is parsed on the host
-(DALI cannot parse JSON in-graph).
+Each rank reads its own slice of the samples (`shard_id=rank, num_shards=world`).
+
+Two image modes (`ImageSpec`): "aspect", SOHO's input, resizes each image so its shorter side
+is S (drawn per image from a list for multi-scale training) and its longer side at most L,
+pads the batch to a common size that is a multiple of the CNN stride, and returns each image's
+valid height and width; "square" resizes to a fixed side (random-resized crop in training).
+The per-sample JSON travels beside the image as zero-padded bytes and is parsed on the host
+(DALI cannot parse JSON in-graph); so does the sample's source (tar, offset, member name), so
+that any problem names the shard and key.
 """
 from __future__ import annotations
 
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +26,12 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
+from soho_ds.config import DataConfig, ReportedError
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
-from soho_ds.data.shards import decode_meta, list_shards
+from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, check_manifest, decode_meta, fix_command, list_shards,
+                                 sample_sizes, summarise_losses, trusted_index_paths)
+
+log = logging.getLogger(__name__)
 
 # ImageNet statistics, in 0-255 pixel units (DALI normalises before scaling).
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -27,41 +39,88 @@ STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 READER_NAME = "shards"
 
 
-def _augment(encoded, image_size, train, crop_scale, hflip_prob, decode_device):
-    """Decode + (random-resized-crop, flip) + resize + normalise: the ops every pipeline shares."""
-    if train:
-        images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                               random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3])
-        mirror = fn.random.coin_flip(probability=hflip_prob)
-    else:
-        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-        mirror = 0
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
-                                    mirror=mirror)
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images become model input (see DataConfig for each field)."""
+    mode: str = "aspect"
+    shorter_side: int = 600
+    longer_side: int = 1000
+    train_shorter_sides: tuple[int, ...] = ()
+    image_size: int = 384
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip_prob: float = 0.5
+    stride: int = 32  # the batch is padded to a multiple of this
+
+    @classmethod
+    def from_config(cls, data: DataConfig, stride: int) -> "ImageSpec":
+        return cls(data.image_mode, data.shorter_side, data.longer_side, data.train_shorter_sides, data.image_size,
+                   data.crop_scale, data.hflip_prob, stride)
 
 
-def _augment_with_boxes(encoded, boxes, image_size, crop_scale, hflip_prob, decode_device):
-    """The training augmentation with boxes kept aligned (DALI's bbox-aware operators): the crop
-    window is drawn by `random_bbox_crop`, which also maps the boxes into it and reports which
-    survive; the same coin flips image and boxes. Boxes are xyXY in [0, 1] of the output image."""
-    side = [crop_scale[0] ** 0.5, crop_scale[1] ** 0.5]  # crop_scale is an area fraction
-    anchor, shape, boxes, kept = fn.random_bbox_crop(
-        boxes, bbox_layout="xyXY", scaling=side, aspect_ratio=[3 / 4, 4 / 3], thresholds=[0.0],
-        bbox_prune_threshold=0.0, allow_no_crop=True, num_attempts=10, output_bbox_indices=True)
-    images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB)
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True)
-    mirror = fn.random.coin_flip(probability=hflip_prob)
-    boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
+class SampleDecodeError(ReportedError, RuntimeError):
+    """DALI could not decode a sample at run time; names it and the way out."""
+
+
+def _resize_aspect(images, spec: ImageSpec, train: bool):
+    sides = spec.train_shorter_sides if train and spec.train_shorter_sides else (spec.shorter_side,)
+    shorter = fn.random.choice([float(s) for s in sides]) if len(sides) > 1 else float(sides[0])
+    return fn.resize(images, resize_shorter=shorter, max_size=float(spec.longer_side), antialias=True)
+
+
+def _normalise(images, mirror, spec: ImageSpec):
+    """-> (CHW float images padded to the stride, (H, W) of each before padding)."""
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
                                       mirror=mirror)
-    return images, boxes, kept
+    sizes = images.shape()[1:3]
+    if spec.mode == "aspect":  # zero after normalisation: padding reads as the mean colour
+        images = fn.pad(images, axes=(1, 2), align=(spec.stride, spec.stride), fill_value=0.0)
+    return images, sizes
+
+
+def _augment(encoded, spec: ImageSpec, train: bool, decode_device: str):
+    """Decode + resize (+ flip, + random-resized crop in square mode) + normalise + pad."""
+    mirror = fn.random.coin_flip(probability=spec.hflip_prob) if train and spec.hflip_prob > 0 else 0
+    if spec.mode == "aspect":
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        images = _resize_aspect(images, spec, train)
+    else:
+        if train:
+            images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                                   random_area=list(spec.crop_scale),
+                                                   random_aspect_ratio=[3 / 4, 4 / 3])
+        else:
+            images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+    return _normalise(images, mirror, spec)
+
+
+def _augment_with_boxes(encoded, boxes, spec: ImageSpec, decode_device: str):
+    """Training augmentation with boxes kept aligned (DALI's bbox-aware operators). Aspect mode
+    resizes the whole image, so normalised boxes only flip with it; square mode draws the crop
+    window with `random_bbox_crop`, which maps the boxes into it and reports which survive. Boxes
+    are xyXY in [0, 1] of the output image (before padding)."""
+    mirror = fn.random.coin_flip(probability=spec.hflip_prob) if spec.hflip_prob > 0 else 0
+    kept = None
+    if spec.mode == "aspect":
+        images = _resize_aspect(fn.decoders.image(encoded, device=decode_device, output_type=types.RGB), spec, True)
+    else:
+        side = [spec.crop_scale[0] ** 0.5, spec.crop_scale[1] ** 0.5]  # crop_scale is an area fraction
+        anchor, shape, boxes, kept = fn.random_bbox_crop(
+            boxes, bbox_layout="xyXY", scaling=side, aspect_ratio=[3 / 4, 4 / 3], thresholds=[0.0],
+            bbox_prune_threshold=0.0, allow_no_crop=True, num_attempts=10, output_bbox_indices=True)
+        images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+    if spec.hflip_prob > 0:
+        boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
+    images, sizes = _normalise(images, mirror, spec)
+    return images, sizes, boxes, kept
 
 
 @pipeline_def
-def _image_json_pipeline(paths, index_paths, shard_id, num_shards, image_size, train, crop_scale, hflip_prob,
-                         decode_device, shuffle_buffer, regions, region_features, reader_seed, pad_last_batch):
-    ext = ["jpg", "json"] + ([BOXES_EXT] if regions else []) + ([FEATURES_EXT] if region_features else [])
+def _image_json_pipeline(paths, index_paths, shard_id, num_shards, spec, train, decode_device, shuffle_buffer,
+                         regions, region_features, reader_seed, pad_last_batch):
+    ext = [";".join(IMAGE_EXTS), "json"] + ([BOXES_EXT] if regions else []) + ([FEATURES_EXT] if region_features
+                                                                               else [])
     members = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=ext,
         shard_id=shard_id, num_shards=num_shards,
@@ -72,17 +131,21 @@ def _image_json_pipeline(paths, index_paths, shard_id, num_shards, image_size, t
         shuffle_after_epoch=train, shuffle_after_epoch_seed=reader_seed if train else None, seed=reader_seed,
         pad_last_batch=pad_last_batch, missing_component_behavior="error",
         dtypes=[types.UINT8] * len(ext), name=READER_NAME)
-    jpegs, meta = members[0], members[1]
+    encoded, meta = members[0], members[1]
+    source = fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
+    meta = fn.pad(meta, fill_value=0)
     if not regions:
-        return _augment(jpegs, image_size, train, crop_scale, hflip_prob, decode_device), fn.pad(meta, fill_value=0)
+        images, sizes = _augment(encoded, spec, train, decode_device)
+        return images, sizes, meta, source
     boxes = fn.decoders.numpy(members[2])
     if train:
-        images, boxes, kept = _augment_with_boxes(jpegs, boxes, image_size, crop_scale, hflip_prob, decode_device)
-        outputs = [images, fn.pad(meta, fill_value=0), fn.pad(boxes, fill_value=-1.0, axes=0),
-                   fn.pad(kept, fill_value=-1)]
+        images, sizes, boxes, kept = _augment_with_boxes(encoded, boxes, spec, decode_device)
     else:  # the whole image is resized, so normalised boxes stay as they are, all of them kept
-        images = _augment(jpegs, image_size, False, crop_scale, hflip_prob, decode_device)
-        outputs = [images, fn.pad(meta, fill_value=0), fn.pad(boxes, fill_value=-1.0, axes=0)]
+        images, sizes = _augment(encoded, spec, False, decode_device)
+        kept = None
+    outputs = [images, sizes, meta, source, fn.pad(boxes, fill_value=-1.0, axes=0)]
+    if kept is not None:
+        outputs.append(fn.pad(kept, fill_value=-1))
     if region_features:
         # all axes: an image without boxes may store its features as (0, 0)
         outputs.append(fn.pad(fn.decoders.numpy(members[3]), fill_value=0))
@@ -90,9 +153,9 @@ def _image_json_pipeline(paths, index_paths, shard_id, num_shards, image_size, t
 
 
 @pipeline_def
-def _encoded_images_pipeline(image_size, train, crop_scale, hflip_prob, decode_device):
+def _encoded_images_pipeline(spec, train, decode_device):
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-    return _augment(encoded, image_size, train, crop_scale, hflip_prob, decode_device)
+    return _augment(encoded, spec, train, decode_device)
 
 
 def _devices(device: str | None) -> tuple[str, int | None]:
@@ -103,32 +166,26 @@ def _devices(device: str | None) -> tuple[str, int | None]:
 
 @dataclass
 class ImageTextBatch:
-    images: torch.Tensor  # (B, 3, H, W) float32, normalised, on the pipeline's device
+    images: torch.Tensor  # (B, 3, H, W) float32, normalised, padded, on the pipeline's device
+    image_sizes: torch.Tensor  # (B, 2) int64 valid (height, width) of each image, on the CPU
     metas: list[dict]  # per image: the sample JSON (captions, key, ...)
+    sources: list[str]  # per image: "shard.tar:offset:member"
     regions: RegionTargets | None = None  # boxes aligned with `images`, when the loader reads them
 
 
-class ShardLoader:
-    """Iterates `ImageTextBatch`es from one rank's slice of the shards.
+def _strings(array: np.ndarray) -> list[str]:
+    return [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in array]
 
-    `epochs()` yields one pass; `forever()` restarts at the end of each pass, which is what a
-    step-based training loop wants (every rank then takes the same number of steps).
-    """
 
-    def __init__(self, shards: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                 train: bool = True, crop_scale=(0.5, 1.0), hflip_prob: float = 0.5, num_threads: int = 2,
-                 seed: int = 0, shuffle_buffer: int = 1024, device: str | None = None,
-                 regions: RegionSpec | None = None, checkpoint: str | None = None):
-        self.paths = list_shards(shards)
-        self.image_size, self.regions = image_size, regions
-        index_paths = [p[: -len(".tar")] + ".idx" for p in self.paths]
-        index_paths = index_paths if all(Path(p).exists() for p in index_paths) else None
-        if regions is not None and index_paths:
-            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
+class _Stream:
+    """One DALI pipeline and iterator over a list of tars (one orientation group, or all)."""
+
+    def __init__(self, paths, index_paths, batch_size, spec, rank, world_size, train, num_threads, seed,
+                 shuffle_buffer, device, regions, checkpoint):
         decode_device, device_id = _devices(device)
+        self.regions = regions
         self.pipe = _image_json_pipeline(
-            paths=self.paths, index_paths=index_paths, shard_id=rank, num_shards=world_size,
-            image_size=image_size, train=train, crop_scale=crop_scale, hflip_prob=hflip_prob,
+            paths=paths, index_paths=index_paths, shard_id=rank, num_shards=world_size, spec=spec, train=train,
             decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
             regions=regions is not None, region_features=bool(regions and regions.features),
             reader_seed=seed, pad_last_batch=not train,
@@ -144,47 +201,171 @@ class ShardLoader:
         # next epoch's first samples, so every step has the full micro-batch and no sample of an
         # epoch is lost or repeated.
         policy = LastBatchPolicy.FILL if train else LastBatchPolicy.PARTIAL
-        outputs = ["images", "meta"]
+        outputs = ["images", "sizes", "meta", "source"]
         if regions is not None:
-            outputs += ["boxes"] + (["kept"] if train else []) + (["features"] if regions.features else [])
+            outputs += ["boxes"] + (["kept"] if train and spec.mode == "square" else []) + (
+                ["features"] if regions.features else [])
         self.iterator = DALIGenericIterator([self.pipe], outputs, reader_name=READER_NAME,
                                             last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
         return len(self.iterator)
 
-    def checkpoint(self) -> str:
-        """The pipeline state after the batches consumed so far (DALI accounts for prefetching)."""
-        return self.iterator.checkpoints()[0]
+
+class ShardLoader:
+    """Iterates `ImageTextBatch`es from one rank's slice of the shards.
+
+    Before any pipeline exists the shards are checked: indexes current and complete
+    (`trusted_index_paths`), sample counts as the manifest records. In aspect mode with
+    `group_by_orientation`, landscape and portrait images are read by two pipelines (the same
+    tars, each through an index of one orientation) and each batch comes from one of them, so
+    little of a batch is padding; the group of each step is drawn in proportion to its size.
+
+    `epochs()` yields one pass; `forever()` restarts at the end of each pass, which is what a
+    step-based training loop wants (every rank then takes the same number of steps).
+    """
+
+    def __init__(self, shards, batch_size: int, spec: ImageSpec, rank: int = 0, world_size: int = 1,
+                 train: bool = True, num_threads: int = 2, seed: int = 0, shuffle_buffer: int = 1024,
+                 device: str | None = None, regions: RegionSpec | None = None, checkpoint: dict | None = None,
+                 group_by_orientation: bool = False):
+        self.paths = list_shards(shards)
+        self.spec, self.regions, self.batch_size = spec, regions, batch_size
+        index_paths = trusted_index_paths(self.paths)
+        if index_paths is None:
+            log.warning("%d shards have no index: DALI scans each tar, and no sample was checked; run %s",
+                        len(self.paths), fix_command(self.paths))
+        else:
+            check_manifest(self.paths)
+            if rank == 0 and (losses := summarise_losses(self.paths)):
+                log.info("%s", losses)
+        if regions is not None and index_paths:
+            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
+        groups = [(self.paths, index_paths)]
+        self._tmp = None
+        if group_by_orientation and spec.mode == "aspect" and index_paths:
+            self._tmp = tempfile.TemporaryDirectory(prefix="soho_ds_orientation_")
+            groups = _orientation_groups(self.paths, index_paths, Path(self._tmp.name), world_size * batch_size)
+        self.group_sizes = [n for _, _, n in groups] if len(groups) > 1 else [0]
+        states = (checkpoint or {}).get("streams") or [None] * len(groups)
+        if len(states) != len(groups):
+            raise ValueError(f"data state has {len(states)} streams, the shards now make {len(groups)}")
+        self.streams = [_Stream(g[0], g[1], batch_size, spec, rank, world_size, train, num_threads, seed + 7919 * i,
+                                shuffle_buffer, device, regions, state)
+                        for i, (g, state) in enumerate(zip(groups, states))]
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        if checkpoint and checkpoint.get("generator") is not None:
+            self.generator.set_state(checkpoint["generator"])
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+    def checkpoint(self) -> dict:
+        """The pipelines' state after the batches consumed so far (DALI accounts for prefetching)."""
+        return {"streams": [s.iterator.checkpoints()[0] for s in self.streams],
+                "generator": self.generator.get_state()}
+
+    def _next(self, stream: _Stream):
+        try:
+            return next(stream.iterator)
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            raise self._decode_error(e) from None
+
+    def _decode_error(self, error: RuntimeError) -> SampleDecodeError:
+        """DALI names no sample when a decode fails: find the undecodable ones in this loader's shards."""
+        log.error("DALI stopped (%s); looking for the sample that does not decode in %d shards ...",
+                  str(error).splitlines()[-1][:200] if str(error) else "", len(self.paths))
+        bad = find_undecodable(self.paths)
+        where = ("; ".join(f"{shard}:{key} ({reason})" for shard, key, reason in bad[:5])
+                 if bad else "no sample failed when decoded alone (see DALI's message above)")
+        return SampleDecodeError(f"a sample could not be decoded during training: {where}. Fix: "
+                                 f"{fix_command(self.paths)} (leaves such samples out), then restart with --resume "
+                                 f"to continue from the last checkpoint.\nDALI: {str(error)[-500:]}")
 
     def _convert(self, out: dict) -> ImageTextBatch:
-        meta = out["meta"].numpy()
-        metas = [decode_meta(row.tobytes(), f"sample {i} of a batch from {self.paths[0]}…")
-                 for i, row in enumerate(meta)]
+        sources = _strings(out["source"].numpy())
+        metas = [decode_meta(row.tobytes(), src.rsplit(".", 1)[0] or f"sample {i}")
+                 for i, (row, src) in enumerate(zip(out["meta"].numpy(), sources))]
+        sizes = out["sizes"].cpu().long()
         if self.regions is None:
-            return ImageTextBatch(out["images"], metas)
+            return ImageTextBatch(out["images"], sizes, metas, sources)
         boxes = out["boxes"].cpu().numpy().reshape(len(metas), -1, 4)
-        # Without augmentation every box is kept in its original order; padding rows are -1.
+        # Without a crop every box is kept in its original order; padding rows are -1.
         kept = out["kept"].cpu().numpy().reshape(len(metas), -1) if "kept" in out else np.where(
             boxes[..., 0] >= 0, np.arange(boxes.shape[1])[None, :], -1)
         features = out["features"].cpu().numpy() if "features" in out else None
-        regions = RegionTargets.build(metas, boxes, kept, features, self.image_size, self.regions.num_attributes,
-                                      self.regions.max_boxes, where=f"shards {self.paths[0]}…")
-        return ImageTextBatch(out["images"], metas, regions)
+        regions = RegionTargets.build(metas, boxes, kept, features, sizes.numpy(), self.regions.num_attributes,
+                                      self.regions.max_boxes, sources)
+        return ImageTextBatch(out["images"], sizes, metas, sources, regions)
 
     def epochs(self):
-        """One pass over this rank's slice (evaluation)."""
-        for out in self.iterator:
-            yield self._convert(out[0])
+        """One pass over this rank's slice (evaluation), group after group."""
+        for stream in self.streams:
+            while True:
+                try:
+                    out = self._next(stream)
+                except StopIteration:
+                    break
+                yield self._convert(out[0])
 
     def forever(self):
-        """Training stream: epoch after epoch with no gap (the iterator resets itself)."""
+        """Training stream: epoch after epoch with no gap (the iterators reset themselves)."""
+        weights = torch.tensor(self.group_sizes, dtype=torch.float) if len(self.streams) > 1 else None
         while True:
+            stream = self.streams[0 if weights is None else int(torch.multinomial(weights, 1,
+                                                                                  generator=self.generator))]
             try:
-                out = next(self.iterator)
+                out = self._next(stream)
             except StopIteration:
                 continue
             yield self._convert(out[0])
+
+
+def _orientation_groups(paths: list[str], index_paths: list[str], folder: Path, min_samples: int
+                        ) -> list[tuple[list[str], list[str], int]]:
+    """(tars, index files, samples) of the landscape (width >= height) and the portrait samples,
+    each through an index holding only that orientation. One group when either would be smaller
+    than `min_samples` (one full batch per rank)."""
+    sizes = sample_sizes(paths)
+    if sizes is None:
+        return [(paths, index_paths, 0)]
+    groups = {"landscape": ([], [], 0), "portrait": ([], [], 0)}
+    for i, (tar, idx, shard_sizes) in enumerate(zip(paths, index_paths, sizes)):
+        with open(idx) as f:
+            f.readline()
+            lines = f.read().splitlines()
+        for name in groups:
+            keep = [line for line, (h, w) in zip(lines, shard_sizes) if (w >= h) == (name == "landscape")]
+            if keep:
+                sub = folder / f"{i:06d}.{name}.idx"
+                sub.write_text(f"v1.2 {len(keep)}\n" + "\n".join(keep) + "\n")
+                tars, idxs, n = groups[name]
+                groups[name] = (tars + [tar], idxs + [str(sub)], n + len(keep))
+    if min(n for _, _, n in groups.values()) < min_samples:
+        return [(paths, index_paths, 0)]
+    return list(groups.values())
+
+
+def find_undecodable(paths: list[str]) -> list[tuple[str, str, str]]:
+    """(shard, key, reason) of every sample of `paths` whose image does not decode alone."""
+    import tarfile
+
+    checker, bad = ImageChecker(), []
+    for shard in paths:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    name = member.name
+                    ext = name[name.find(".", name.rfind("/") + 1) + 1:]
+                    if member.isfile() and ext in IMAGE_EXTS:
+                        result = checker([tar.extractfile(member).read()])[0]
+                        if isinstance(result, str):
+                            bad.append((shard, name[: -len(ext) - 1], result))
+        except (tarfile.TarError, OSError) as e:
+            bad.append((shard, "-", f"unreadable tar ({e})"))
+    return bad
 
 
 def _require_members(index_paths: list[str], exts: list[str]) -> None:
@@ -207,31 +388,53 @@ class ImageFileDecoder:
     plus image folders). Same DALI ops as the shard pipeline; format is read from the content,
     so NLVR2's JPEG-data ".png" files decode too."""
 
-    def __init__(self, image_size: int, batch_size: int, train: bool = False, crop_scale=(0.5, 1.0),
-                 hflip_prob: float = 0.0, num_threads: int = 2, seed: int = 0, device: str | None = None):
+    def __init__(self, spec: ImageSpec, batch_size: int, train: bool = False, num_threads: int = 2, seed: int = 0,
+                 device: str | None = None):
         decode_device, device_id = _devices(device)
-        self.batch_size = batch_size
-        self.pipe = _encoded_images_pipeline(
-            image_size=image_size, train=train, crop_scale=crop_scale, hflip_prob=hflip_prob,
-            decode_device=decode_device, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-            seed=seed, exec_async=False, exec_pipelined=False)
+        self.batch_size, self.spec, self.train = batch_size, spec, train
+        self._args = dict(spec=spec, train=train, decode_device=decode_device, batch_size=batch_size,
+                          num_threads=num_threads, device_id=device_id, seed=seed, exec_async=False,
+                          exec_pipelined=False)
+        self.pipe = _encoded_images_pipeline(**self._args)
         self.pipe.build()
 
-    def __call__(self, paths: list[str]) -> torch.Tensor:
-        """(len(paths), 3, S, S) float32 on the pipeline's device."""
-        chunks = []
-        for start in range(0, len(paths), self.batch_size):
-            encoded = []
-            for p in paths[start:start + self.batch_size]:
-                try:
-                    encoded.append(np.fromfile(p, dtype=np.uint8))
-                except OSError as e:
-                    raise FileNotFoundError(f"{p}: cannot read image ({e.strerror})") from None
-            self.pipe.feed_input("encoded", encoded)
-            (out,) = self.pipe.run()
+    def decode(self, encoded: list[np.ndarray], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded images -> (len, 3, H, W) float32 on the pipeline's device, padded to a common size
+        (aspect mode), and their valid (height, width) (len, 2) on the CPU."""
+        images, sizes = [], []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start:start + self.batch_size]
+            self.pipe.feed_input("encoded", chunk)
+            try:
+                out, size = self.pipe.run()
+            except RuntimeError as e:
+                self.pipe = _encoded_images_pipeline(**self._args)
+                self.pipe.build()
+                bad = [n for n, r in zip(names[start:], ImageChecker()([c.tobytes() for c in chunk]))
+                       if isinstance(r, str)]
+                raise SampleDecodeError(f"cannot decode image(s) {', '.join(bad) or names[start]}: "
+                                        f"{str(e).splitlines()[-1] if str(e) else e}") from None
             out = out.as_tensor()
             tensor = torch.empty(out.shape(), dtype=torch.float32,
                                  device="cuda" if isinstance(out, TensorGPU) else "cpu")
             feed_ndarray(out, tensor)
-            chunks.append(tensor)
-        return torch.cat(chunks)
+            images.append(tensor)
+            size = size.as_cpu() if hasattr(size, "as_cpu") else size
+            sizes.append(torch.from_numpy(np.stack([np.array(size[i]) for i in range(len(chunk))])).long())
+        return _pad_to_common(images), torch.cat(sizes)
+
+    def __call__(self, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = []
+        for p in paths:
+            try:
+                encoded.append(np.fromfile(p, dtype=np.uint8))
+            except OSError as e:
+                raise FileNotFoundError(f"{p}: cannot read image ({e.strerror})") from None
+        return self.decode(encoded, paths)
+
+
+def _pad_to_common(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates padded batches of possibly different sizes (zero = the mean colour)."""
+    h = max(c.shape[-2] for c in chunks)
+    w = max(c.shape[-1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, w - c.shape[-1], 0, h - c.shape[-2])) for c in chunks])

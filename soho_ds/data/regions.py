@@ -78,22 +78,25 @@ class RegionTargets:
 
     @classmethod
     def build(cls, metas: list[dict], boxes: np.ndarray, kept: np.ndarray, features: np.ndarray | None,
-              image_size: int, num_attributes: int, max_boxes: int, where: str = "batch") -> "RegionTargets":
-        """metas: per image JSON; boxes (B, M, 4) in [0, 1] after augmentation; kept (B, M) original
-        box index of each (-1: padding); features (B, N, D) in the original box order or None."""
+              image_sizes: np.ndarray, num_attributes: int, max_boxes: int,
+              sources: list[str] | None = None) -> "RegionTargets":
+        """metas: per image JSON; boxes (B, M, 4) in [0, 1] of each image after augmentation; kept (B, M)
+        original box index of each (-1: padding); features (B, N, D) in the original box order or None;
+        image_sizes (B, 2) each image's (height, width) in pixels, before the batch's padding."""
         rows, objects, attributes, feats = [], [], [], []
         for i, meta in enumerate(metas):
+            where = sources[i] if sources else f"sample {meta.get('key', i)}"
             det = meta.get("detections")
             if det is None:
-                raise ValueError(f"{where}: sample {meta.get('key', i)} has no 'detections' in its JSON "
-                                 "(tools/attach_detections.py adds them)")
+                raise ValueError(f"{where}: no 'detections' in its JSON (tools/attach_detections.py adds them)")
             n_boxes = len(det["object_ids"])
             picked = [int(j) for j in kept[i] if j >= 0][:max_boxes]
+            h, w = (float(v) for v in image_sizes[i])
             for slot, j in enumerate(picked):
                 if j >= n_boxes:
-                    raise ValueError(f"{where}: sample {meta.get('key', i)}: box {j} of its {BOXES_EXT} has no "
-                                     f"entry in detections.object_ids ({n_boxes} boxes)")
-                rows.append([i, *(boxes[i, slot] * image_size)])
+                    raise ValueError(f"{where}: box {j} of its {BOXES_EXT} has no entry in detections.object_ids "
+                                     f"({n_boxes} boxes)")
+                rows.append([i, *(boxes[i, slot] * np.array([w, h, w, h], dtype=np.float32))])
                 objects.append(det["object_ids"][j])
                 hot = np.zeros(num_attributes, dtype=np.float32)
                 hot[[a for a in det["attribute_ids"][j] if 0 <= a < num_attributes]] = 1.0
@@ -101,7 +104,7 @@ class RegionTargets:
                 if features is not None:
                     feats.append(features[i, j])
         return cls(
-            boxes=torch.tensor(rows, dtype=torch.float32).reshape(-1, 5),
+            boxes=torch.tensor(np.array(rows, dtype=np.float32)).reshape(-1, 5),
             objects=torch.tensor(objects, dtype=torch.long),
             attributes=torch.from_numpy(np.stack(attributes)) if attributes else torch.zeros(0, num_attributes),
             features=None if features is None else (

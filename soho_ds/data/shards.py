@@ -1,15 +1,45 @@
-"""Finding WebDataset tar shards and decoding the per-sample JSON that travels with them."""
+"""WebDataset tar shards: finding them, checking them once before training, trusting them after.
+
+`index_shards` is the checker: for every tar it writes DALI's index (``x.idx``, made by DALI's
+own `wds2idx`) listing only samples that are complete and decode with the decoder training
+uses, plus a record beside it (``x.idx.json``) of what it was built from (tar size and mtime),
+how many samples it kept, every sample it left out and why, the samples a truncated tar lost,
+and each kept image's size (for batching by orientation). It never stops at one bad shard.
+
+`trusted_index_paths` is the loader's side: it refuses, before any pipeline exists, a mix of
+indexed and unindexed tars, an index older than its tar, or an index that no longer matches
+its record, naming the shards and the command that fixes them.
+"""
 from __future__ import annotations
 
 import glob
 import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Iterable
+
+from soho_ds.config import ReportedError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # one image member per sample; decoded by content
+INDEX_VERSION = 2
 
 
-def list_shards(spec: str) -> list[str]:
-    """Sorted shard paths from a folder (its *.tar files), a glob, or a comma-separated list."""
+class ShardError(ReportedError, ValueError):
+    """Shards that cannot be trusted as they are: names them and says how to fix it."""
+
+
+def list_shards(spec: str | Iterable[str]) -> list[str]:
+    """Sorted shard paths from folders (their *.tar files), globs, .tar files or comma-separated lists
+    of them; several specs are concatenated in the order given."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
+    for part in (p.strip() for s in parts for p in s.split(",") if p.strip()):
         if Path(part).is_dir():
             paths += sorted(str(p) for p in Path(part).glob("*.tar"))
         elif any(c in part for c in "*?["):
@@ -30,72 +60,336 @@ def decode_meta(padded: bytes, where: str = "sample") -> dict:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{where}: JSON member is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("captions"), list) or not meta["captions"]:
-        raise ValueError(f"{where}: JSON member has no non-empty 'captions' list")
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise ValueError(f"{where}: JSON member has no non-empty 'captions' list of non-empty strings")
     return meta
 
 
-def _jpeg_ok(data: bytes) -> bool:
-    """Structural JPEG check: start-of-image marker first, end-of-image marker last."""
-    return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+def index_path(tar: str | Path) -> Path:
+    return Path(str(tar)[: -len(".tar")] + ".idx")
 
 
-def index_shard(tar_path: str | Path) -> dict:
-    """Writes the DALI index (``x.idx`` beside ``x.tar``) listing only well-formed samples.
+def record_path(tar: str | Path) -> Path:
+    return Path(str(tar)[: -len(".tar")] + ".idx.json")
 
-    The index is made by DALI's own `wds2idx.IndexCreator`; samples whose JPEG is missing or
-    truncated, or whose JSON does not parse or has no captions, are then left out of it, so
-    the reader never sees them. Returns ``{"kept": n, "skipped": [{"key", "reason"}]}``.
-    """
+
+def tar_stamp(tar: str | Path) -> dict:
+    st = os.stat(tar)
+    return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+
+
+def read_record(tar: str | Path) -> dict | None:
+    path = record_path(tar)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {"error": f"{path} is not valid JSON"}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the checker ---------------------------------------------------------------------------------
+
+class ImageChecker:
+    """Decodes encoded images with DALI's decoder (mixed on a GPU, cpu otherwise), as training does;
+    returns each image's (height, width), or the reason it does not decode."""
+
+    def __init__(self, batch_size: int = 16, device: str | None = None):
+        import torch
+        from nvidia.dali import fn, pipeline_def, types
+
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        self.batch_size = batch_size
+
+        @pipeline_def
+        def decode():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB).shape()
+
+        self._make = lambda size: decode(batch_size=size, num_threads=1, device_id=0 if on_gpu else None,
+                                         exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        self.pipe = self._make(batch_size)
+        self.pipe.build()
+        self.single = None
+
+    def _run(self, pipe, encoded: list) -> list[tuple[int, int]]:
+        import numpy as np
+
+        pipe.feed_input("encoded", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
+        (shapes,) = pipe.run()
+        shapes = shapes.as_cpu() if hasattr(shapes, "as_cpu") else shapes
+        return [(int(s[0]), int(s[1])) for s in (np.array(shapes[i]) for i in range(len(encoded)))]
+
+    def __call__(self, encoded: list[bytes]) -> list[tuple[int, int] | str]:
+        """One result per image: (height, width), or the decoder's complaint."""
+        out: list = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start:start + self.batch_size]
+            if any(len(e) == 0 for e in chunk):
+                out += [self._one(e) for e in chunk]
+                continue
+            try:
+                out += self._run(self.pipe, chunk)
+            except RuntimeError:  # a failed batch invalidates the pipeline: rebuild, then one by one
+                self.pipe = self._make(self.batch_size)
+                self.pipe.build()
+                out += [self._one(e) for e in chunk]
+        return out
+
+    def _one(self, data: bytes) -> tuple[int, int] | str:
+        if not data:
+            return "empty image member"
+        if self.single is None:
+            self.single = self._make(1)
+            self.single.build()
+        try:
+            return self._run(self.single, [data])[0]
+        except RuntimeError as e:
+            self.single = None
+            lines = [x for x in str(e).splitlines() if x.strip() and "pipeline" not in x.lower()]
+            return "does not decode (" + (lines[-1].strip() if lines else "decoder error") + ")"
+
+
+def _tar_members(tar: Path) -> tuple[list[list[tuple]], bool]:
+    """Samples of `tar` as DALI's wds2idx groups them: lists of (ext, data offset, size, name).
+    Also whether the archive ends properly (two zero blocks after the last member)."""
     from wds2idx import IndexCreator
 
-    tar_path = Path(tar_path)
-    idx_path = tar_path.with_suffix(".idx")
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
-    header, *lines = idx_path.read_text().splitlines()
-    kept, skipped = [], []
-    with open(tar_path, "rb") as f:
-        for line in lines:
-            fields = line.split()
-            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                       for i in range(0, len(fields), 4)}
-            key = next(iter(members.values()))[2].rsplit(".", 1)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        idx = Path(tmp) / "x.idx"
+        with IndexCreator(str(tar), str(idx), verbose=False) as creator:
+            creator.create_index()
+        _, *lines = idx.read_text().splitlines()
+    samples = []
+    for line in lines:
+        f = line.split()
+        samples.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    size = tar.stat().st_size
+    last_end = max((off + sz for s in samples for _, off, sz, _ in s), default=0)
+    data_end = -(-last_end // 512) * 512  # data is padded to a whole block
+    with open(tar, "rb") as f:
+        f.seek(data_end)
+        tail = f.read(1024)
+    return samples, len(tail) == 1024 and tail == bytes(1024)
 
-            def read(ext):
-                offset, size, _ = members[ext]
-                f.seek(offset)
-                return f.read(size)
 
+def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
+    """Checks one shard and writes its index and record; returns the record. A shard that cannot be
+    read at all gets a record with an "error" and no index."""
+    tar = Path(tar)
+    idx, rec = index_path(tar), record_path(tar)
+    stamp = tar_stamp(tar)
+    try:
+        samples, ends_properly = _tar_members(tar)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        idx.unlink(missing_ok=True)
+        record = {"version": INDEX_VERSION, **stamp, "error": f"not a readable tar with samples ({e})",
+                  "kept": 0, "skipped": [], "lost": []}
+        _write_atomically(rec, json.dumps(record, indent=1))
+        return record
+    checker = checker or ImageChecker()
+    size = stamp["tar_size"]
+    kept, sizes, skipped, lost = [], [], [], []
+    candidates = []  # (key, members, image bytes)
+    with open(tar, "rb") as f:
+        def read(member):
+            _, off, sz, _ = member
+            f.seek(off)
+            return f.read(sz)
+
+        for members in samples:
+            name = members[0][3]
+            key = name[: name.find(".", name.rfind("/") + 1)]
+            by_ext = {m[0]: m for m in members}
+            if any(off + sz > size for _, off, sz, _ in members):
+                lost.append({"key": key, "reason": "cut off by the end of the file (truncated tar)"})
+                continue
+            image_ext = next((e for e in IMAGE_EXTS if e in by_ext), None)
             reason = None
-            if "jpg" not in members:
-                reason = "no .jpg member"
-            elif not _jpeg_ok(read("jpg")):
-                reason = "corrupt or truncated JPEG"
-            elif "json" not in members:
+            if image_ext is None:
+                reason = f"no image member ({'/'.join(IMAGE_EXTS)})"
+            elif "json" not in by_ext:
                 reason = "no .json member"
             else:
                 try:
-                    decode_meta(read("json"), f"{tar_path}:{key}")
+                    decode_meta(read(by_ext["json"]), f"{tar}:{key}")
                 except ValueError as e:
                     reason = str(e).split(": ", 1)[-1]
             if reason:
                 skipped.append({"key": key, "reason": reason})
             else:
-                kept.append(line)
+                candidates.append((key, members, read(by_ext[image_ext])))
+    for (key, members, _), result in zip(candidates, checker([c[2] for c in candidates])):
+        if isinstance(result, str):
+            skipped.append({"key": key, "reason": result})
+        else:
+            kept.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in members))
+            sizes.append(list(result))
+    if not ends_properly:
+        lost.append({"key": None, "reason": "no end-of-archive marker: the tar was cut short; samples written "
+                                            "after the last complete one are lost"})
+    record = {"version": INDEX_VERSION, **stamp, "kept": len(kept), "skipped": skipped, "lost": lost,
+              "truncated": not ends_properly, "sizes": sizes}
     if not kept:
-        raise ValueError(f"{tar_path}: no well-formed sample in this shard")
-    idx_path.write_text(f"{header.split()[0]} {len(kept)}\n" + "\n".join(kept) + "\n")
-    return {"kept": len(kept), "skipped": skipped}
+        idx.unlink(missing_ok=True)
+        record["error"] = "no sample passed the checks"
+    else:
+        _write_atomically(idx, f"v1.2 {len(kept)}\n" + "\n".join(kept) + "\n")
+    _write_atomically(rec, json.dumps(record))  # last: an index is trusted only with its record
+    return record
 
 
-def index_shards(spec: str) -> dict:
-    """Indexes every shard of `spec`; returns totals and the skipped samples per shard."""
-    report = {"kept": 0, "skipped": 0, "shards": {}}
-    for path in list_shards(spec):
-        r = index_shard(path)
-        report["kept"] += r["kept"]
-        report["skipped"] += len(r["skipped"])
-        if r["skipped"]:
-            report["shards"][path] = r["skipped"]
+def _index_reporting_errors(tar: str, checker: ImageChecker) -> tuple[str, dict]:
+    try:
+        return tar, index_shard(tar, checker)
+    except Exception as e:  # one shard's unexpected failure must not stop the others: reported
+        return tar, {"error": f"{type(e).__name__}: {e}", "kept": 0, "skipped": [], "lost": []}
+
+
+_worker_checker: ImageChecker | None = None
+
+
+def _index_in_worker(tar: str) -> tuple[str, dict]:
+    global _worker_checker
+    if _worker_checker is None:
+        _worker_checker = ImageChecker()
+    return _index_reporting_errors(tar, _worker_checker)
+
+
+def index_shards(spec: str | Iterable[str], workers: int = 1, progress: bool = False) -> dict:
+    """Checks and indexes every shard of `spec` (in `workers` processes); returns totals and, per
+    shard, what was left out. Samples: kept, skipped (with reasons), lost (truncated tars)."""
+    paths = list_shards(spec)
+    report = {"kept": 0, "skipped": 0, "lost": 0, "bad_shards": {}, "shards": {}}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="shard", desc="checking shards")
+
+    def add(tar: str, record: dict) -> None:
+        report["kept"] += record.get("kept", 0)
+        report["skipped"] += len(record.get("skipped", []))
+        report["lost"] += len([x for x in record.get("lost", []) if x["key"]])
+        if record.get("error"):
+            report["bad_shards"][tar] = record["error"]
+        if record.get("skipped") or record.get("lost"):
+            report["shards"][tar] = {"skipped": record["skipped"], "lost": record["lost"]}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(kept=report["kept"], left_out=report["skipped"] + report["lost"])
+
+    if workers <= 1:
+        checker = ImageChecker()
+        for tar in paths:
+            add(*_index_reporting_errors(tar, checker))
+    else:  # spawn: DALI is not safe to use in a forked child
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_index_in_worker, t) for t in paths]):
+                add(*future.result())
+    if bar is not None:
+        bar.close()
     return report
+
+
+# --- the loader's side ---------------------------------------------------------------------------
+
+def fix_command(paths: list[str]) -> str:
+    folders = sorted({str(Path(p).parent) for p in paths})
+    return "python tools/index_shards.py " + " ".join(folders)
+
+
+def trusted_index_paths(paths: list[str]) -> list[str] | None:
+    """The index files of `paths` if every tar has a current one; None if none has (DALI then scans
+    each tar itself, and nothing was checked). Anything in between is refused."""
+    indexed = [p for p in paths if index_path(p).exists() or record_path(p).exists()]
+    if not indexed:
+        return None
+    problems = []
+    for p in paths:
+        record = read_record(p)
+        if record is None:
+            problems.append(f"{p}: no index")
+        elif record.get("error"):
+            problems.append(f"{p}: {record['error']}")
+        elif record.get("version") != INDEX_VERSION:
+            problems.append(f"{p}: index written by another version of the checker")
+        elif record.get("tar_size") != os.stat(p).st_size or record.get("tar_mtime_ns") != os.stat(p).st_mtime_ns:
+            problems.append(f"{p}: the tar changed after it was indexed (stale index)")
+        elif not index_path(p).exists():
+            problems.append(f"{p}: its index file is missing")
+        else:
+            with open(index_path(p)) as f:
+                header = f.readline().split()
+                n = sum(1 for _ in f)
+            if len(header) != 2 or int(header[1]) != n or n != record["kept"]:
+                problems.append(f"{p}: the index lists {n} samples but its record says {record['kept']}")
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ShardError(f"{len(problems)} of {len(paths)} shards cannot be trusted:\n  {shown}\n"
+                         f"Fix: {fix_command([p for p in paths])}")
+    return [str(index_path(p)) for p in paths]
+
+
+def check_manifest(paths: list[str]) -> None:
+    """Refuses shards that hold fewer samples than the converter's manifest.json records for them
+    (kept + left out by the checker + lost), where there is a manifest."""
+    by_folder: dict[Path, dict] = {}
+    short = []
+    for p in paths:
+        folder = Path(p).parent
+        if folder not in by_folder:
+            manifest = folder / "manifest.json"
+            try:
+                entries = json.loads(manifest.read_text()).get("shards", [])
+                by_folder[folder] = {e["name"]: e["num_samples"] for e in entries}
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                by_folder[folder] = {}
+        expected = by_folder[folder].get(Path(p).name)
+        record = read_record(p)
+        if expected is None or record is None or record.get("error"):
+            continue
+        found = record["kept"] + len(record["skipped"]) + len([x for x in record["lost"] if x["key"]])
+        if found < expected:
+            short.append(f"{p}: {found} samples, the manifest records {expected}")
+    if short:
+        raise ShardError("shards hold fewer samples than their manifest.json records:\n  " + "\n  ".join(short[:10])
+                         + "\nThe tars were cut short or replaced: convert them again.")
+
+
+def sample_sizes(paths: list[str]) -> list[list[tuple[int, int]]] | None:
+    """Per shard, each kept sample's (height, width) in index order, from the records."""
+    records = [read_record(p) for p in paths]
+    if any(r is None or "sizes" not in r for r in records):
+        return None
+    return [[tuple(s) for s in r["sizes"]] for r in records]
+
+
+def summarise_losses(paths: list[str]) -> str | None:
+    """One line about what the checker left out of these shards, for the start of a run."""
+    skipped = lost = truncated = 0
+    for p in paths:
+        r = read_record(p) or {}
+        skipped += len(r.get("skipped", []))
+        lost += len([x for x in r.get("lost", []) if x.get("key")])
+        truncated += bool(r.get("truncated"))
+    if not (skipped or lost or truncated):
+        return None
+    return (f"the shard checker left out {skipped} malformed samples and {lost} cut off by {truncated} truncated "
+            f"tars (listed in each x.idx.json)")
+
+
+def shard_fingerprint(paths: list[str]) -> list:
+    """What a run's data positions refer to: each tar's name, size and mtime, and its index's count."""
+    out = []
+    for p in paths:
+        record = read_record(p) or {}
+        out.append([Path(p).name, *tar_stamp(p).values(), record.get("kept")])
+    return out

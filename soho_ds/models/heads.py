@@ -23,7 +23,9 @@ class MLMHead(nn.Module):
 
 
 class MVMHead(nn.Module):
-    """Scores each visual token against the L2-normalised dictionary entries (cosine / temperature)."""
+    """Scores each visual token against the L2-normalised dictionary entries (cosine / temperature).
+    The official code scores the raw fused token (no transform, temperature 1): see
+    PretrainConfig.mvm_temperature for why this departs."""
 
     def __init__(self, config: BertConfig, temperature: float = 0.1):
         super().__init__()
@@ -56,10 +58,19 @@ class ContrastiveHead(nn.Module):
         self.image = nn.Linear(hidden_size, dim)
         self.text = nn.Linear(hidden_size, dim)
 
-    def forward(self, visual_tokens: torch.Tensor, text_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual_tokens (B, N, H), text_cls (T, H) -> image (B, dim), text (T, dim), both L2-normalised."""
-        return (F.normalize(self.image(visual_tokens.mean(1)).float(), dim=-1),
-                F.normalize(self.text(text_cls).float(), dim=-1))
+    def embed_image(self, visual_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """visual_tokens (B, N, H), valid (B, N) bool -> (B, dim) unit vectors of the mean valid token."""
+        w = valid.to(visual_tokens.dtype)[..., None]
+        pooled = (visual_tokens * w).sum(1) / w.sum(1).clamp(min=1)  # padding cells count for nothing
+        return F.normalize(self.image(pooled).float(), dim=-1)
+
+    def embed_text(self, text_cls: torch.Tensor) -> torch.Tensor:
+        """text_cls (T, H) -> (T, dim) unit vectors."""
+        return F.normalize(self.text(text_cls).float(), dim=-1)
+
+    def forward(self, visual_tokens: torch.Tensor, valid: torch.Tensor, text_cls: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_image(visual_tokens, valid), self.embed_text(text_cls)
 
 
 def mlp_classifier(in_features: int, hidden_features: int, out_features: int, dropout: float = 0.1) -> nn.Sequential:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from soho_ds.runtime.config import SemanticConfig
+from soho_ds.config import SemanticConfig
 
 
 def object_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +51,14 @@ class SemanticVisualHeads(nn.Module):
         self.attribute_head = nn.Linear(in_channels, cfg.num_attributes) if cfg.attribute_weight > 0 else None
         self.feature_head = nn.Linear(in_channels, cfg.feature_dim) if cfg.feature_weight > 0 else None
 
-    def pool(self, grid: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
-        """grid (B, C, h, w), boxes (R, 5) [image, x0, y0, x1, y1] in input pixels -> (R, C)."""
+    def pool(self, grid: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
+        """grid (B, C, h, w) of `stride` input pixels per cell, boxes (R, 5) [image, x0, y0, x1, y1] in
+        input pixels -> (R, C). Boxes lie inside their image, so padding is never pooled."""
         pooled = roi_align(grid.float(), boxes.float(), output_size=self.cfg.roi_size,
-                           spatial_scale=grid.shape[-1] / image_size, sampling_ratio=2, aligned=True)
+                           spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
         return pooled.mean(dim=(2, 3)).to(grid.dtype)
 
-    def forward(self, grid: torch.Tensor, batch: dict[str, torch.Tensor], image_size: int
+    def forward(self, grid: torch.Tensor, batch: dict[str, torch.Tensor], stride: int
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         boxes = batch["region_boxes"]
@@ -66,7 +67,7 @@ class SemanticVisualHeads(nn.Module):
         empty = boxes.shape[0] == 0
         if empty:
             boxes = torch.tensor([[0, 0, 0, 1, 1]], dtype=boxes.dtype, device=boxes.device)
-        pooled = self.pool(grid, boxes, image_size)
+        pooled = self.pool(grid, boxes, stride)
         out: dict[str, torch.Tensor] = {}
         total = pooled.new_zeros((), dtype=torch.float32)
         scale = 0.0 if empty else 1.0

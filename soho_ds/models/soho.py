@@ -1,104 +1,199 @@
 """SOHO: CNN grid features -> Visual Dictionary -> visual tokens, fused with words by BERT.
 
-`SohoModel` composes the parts and exposes two steps so objectives can act in between:
-`image_tokens` (CNN, neck, VD: per image, computed once) and `fuse` (visual tokens repeated
-per caption, joined with the words). Heads and losses live with their tasks.
+`SohoModel` is the one encode path every user goes through (pretraining, each finetune,
+retrieval scoring, inference): `encode_image` (once per image: CNN, neck, VD, validity mask,
+position code), `fuse` (visual tokens repeated per caption, joined with the words) and
+`encode_text` (words alone). Heads and losses live with their tasks.
+
+Images arrive padded to a common size; `image_sizes` gives each one's valid height and width.
+Grid cells that lie wholly in padding are invalid: the VD ignores them, MVM never picks them,
+pooling skips them and the fusion transformer never attends to them.
+
+Statistics changed outside autograd (the VD's EMA, BatchNorm running statistics) change only
+when the step is good: a training forward stages them, `commit(ok)` keeps them where the
+device flag `ok` holds and restores them otherwise.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from soho_ds.config import ModelConfig
 from soho_ds.models.backbone import ResNetBackbone
-from soho_ds.models.fusion import CrossModalEncoder, bert_config
+from soho_ds.models.fusion import CrossModalEncoder
 from soho_ds.models.visual_dictionary import VisualDictionary
-from soho_ds.runtime.config import ModelConfig
 
 
-def sine_position_encoding(height: int, width: int, dim: int, device=None) -> torch.Tensor:
-    """2-D sine/cosine position code (DETR style): half the channels for y, half for x. -> (h*w, dim)."""
+def valid_cells(image_sizes: torch.Tensor, stride: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, 2) valid pixel heights/widths -> (B, 2) grid cells touching the image (ceil), at most the grid."""
+    cells = torch.div(image_sizes + stride - 1, stride, rounding_mode="floor")
+    return torch.minimum(cells, torch.tensor(grid, device=image_sizes.device)).clamp(min=1)
+
+
+def sine_position_encoding(cells: torch.Tensor, grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """2-D sine/cosine position code (DETR's normalised variant): each cell centre divided by its
+    image's valid extent, so the same relative place has the same code at every resolution.
+    cells (B, 2) valid rows/columns, grid (h, w) -> (B, h*w, dim); half the channels for y, half for x."""
+    h, w = grid
     quarter = dim // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    y = torch.arange(height, device=device, dtype=torch.float32)[:, None] * freq  # (h, dim/4)
-    x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freq  # (w, dim/4)
-    y_code = torch.cat([y.sin(), y.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
-    x_code = torch.cat([x.sin(), x.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
-    code = torch.cat([y_code, x_code], dim=-1).reshape(height * width, 4 * quarter)
+    freq = 1.0 / (10000 ** (torch.arange(quarter, device=cells.device, dtype=torch.float32) / quarter))
+    cells = cells.float()
+    y = (torch.arange(h, device=cells.device, dtype=torch.float32)[None, :] + 0.5) / cells[:, :1] * 2 * math.pi
+    x = (torch.arange(w, device=cells.device, dtype=torch.float32)[None, :] + 0.5) / cells[:, 1:] * 2 * math.pi
+    y, x = y[..., None] * freq, x[..., None] * freq  # (B, h, q), (B, w, q)
+    B = cells.shape[0]
+    y_code = torch.cat([y.sin(), y.cos()], dim=-1)[:, :, None, :].expand(B, h, w, 2 * quarter)
+    x_code = torch.cat([x.sin(), x.cos()], dim=-1)[:, None, :, :].expand(B, h, w, 2 * quarter)
+    code = torch.cat([y_code, x_code], dim=-1).reshape(B, h * w, 4 * quarter)
     return nn.functional.pad(code, (0, dim - 4 * quarter))
+
+
+@dataclass
+class VisualTokens:
+    """One batch of encoded images. B images, N = h*w cells, H hidden, C CNN channels."""
+    features: torch.Tensor  # (B, C, h, w) CNN grid (the semantic heads pool it)
+    tokens: torch.Tensor  # (B, N, H) neck output, before position and type codes
+    vd_index: torch.Tensor | None  # (B, N) nearest dictionary entry, None without the VD
+    valid: torch.Tensor  # (B, N) bool: the cell lies at least partly inside its image
+    position: torch.Tensor  # (B, N, H) position code
+    grid: tuple[int, int]  # (h, w)
 
 
 class VisualEmbedding(nn.Module):
     """Neck: 1x1 conv + BN to the transformer width, the VD, a learned gate between the VD entry
-    and the raw feature, a Linear, then position code, visual token type and LayerNorm."""
+    and the raw feature, a Linear; then position code, visual token type and LayerNorm."""
 
-    def __init__(self, in_channels: int, hidden_size: int, vd_size: int, vd_momentum: float, use_vd: bool,
-                 dropout: float, vd_init_from_data: bool = True, vd_restart_below: float = 0.01):
+    def __init__(self, in_channels: int, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden_size, 1, bias=False), nn.BatchNorm2d(hidden_size))
-        self.vd = VisualDictionary(vd_size, hidden_size, vd_momentum, init_from_data=vd_init_from_data,
-                                   restart_below=vd_restart_below) if use_vd else None
-        self.gate = nn.Linear(2 * hidden_size, 2) if use_vd else None
-        self.out = nn.Linear(hidden_size, hidden_size)
-        self.mask_embedding = nn.Parameter(torch.zeros(hidden_size))  # replaces MVM-masked tokens
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
+        hidden = cfg.hidden_size
+        self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden))
+        self.vd = VisualDictionary(cfg.vd_size, hidden, cfg.vd_momentum, init_from_data=cfg.vd_init_from_data,
+                                   restart_below=cfg.vd_restart_below) if cfg.use_vd else None
+        self.gate = nn.Linear(2 * hidden, 2) if cfg.use_vd else None
+        self.out = nn.Linear(hidden, hidden)
+        self.mask_embedding = nn.Parameter(torch.zeros(hidden))  # replaces MVM-masked tokens
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(cfg.dropout)
 
-    def quantise(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-        """features (B, C, h, w) -> tokens (B, N, H), VD indices (B, N) or None, grid (h, w)."""
-        x = self.proj(features)
-        h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, N, H)
+    def quantise(self, features: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """features (B, C, h, w), valid (B, N) -> tokens (B, N, H), VD indices (B, N) or None."""
+        x = self.proj(features).flatten(2).transpose(1, 2)  # (B, N, H)
         if self.vd is None:
-            return self.out(x), None, (h, w)
-        q, index = self.vd(x)
+            return self.out(x), None
+        q, index = self.vd(x, valid)
         weights = self.gate(torch.cat([x, q], dim=-1)).softmax(-1)  # (B, N, 2)
         mixed = weights[..., :1] * q + weights[..., 1:] * x
-        return self.out(mixed), index, (h, w)
+        return self.out(mixed), index
 
-    def embed(self, tokens: torch.Tensor, grid: tuple[int, int], type_embedding: torch.Tensor,
+    def embed(self, tokens: torch.Tensor, position: torch.Tensor, type_embedding: torch.Tensor,
               mvm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Adds position and type codes; `mvm_mask` (B, N) marks tokens to replace by the mask embedding."""
+        """Adds position and type codes; `mvm_mask` (T, N) marks tokens to replace by the mask embedding."""
         if mvm_mask is not None:
             tokens = torch.where(mvm_mask[..., None], self.mask_embedding.to(tokens.dtype), tokens)
-        pos = sine_position_encoding(*grid, tokens.shape[-1], device=tokens.device).to(tokens.dtype)
-        return self.dropout(self.norm(tokens + pos + type_embedding.to(tokens.dtype)))
+        return self.dropout(self.norm(tokens + position.to(tokens.dtype) + type_embedding.to(tokens.dtype)))
 
 
 class SohoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.freeze_stem, cfg.pool_last,
-                                       cfg.grad_checkpointing)
-        config = None if cfg.bert_dir else bert_config(cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-                                                       cfg.intermediate_size, cfg.dropout, cfg.vocab_size,
-                                                       cfg.max_position)
-        self.fusion = CrossModalEncoder(config, cfg.bert_dir, cfg.grad_checkpointing, cfg.num_layers)
-        hidden = self.fusion.config.hidden_size
-        if cfg.bert_dir and hidden != cfg.hidden_size:
-            raise ValueError(f"{cfg.bert_dir}: hidden size {hidden}, but model.hidden_size is {cfg.hidden_size}")
-        self.visual = VisualEmbedding(self.backbone.out_channels, hidden, cfg.vd_size, cfg.vd_momentum, cfg.use_vd,
-                                      cfg.dropout, cfg.vd_init_from_data, cfg.vd_restart_below)
+        self.backbone = ResNetBackbone(name=cfg.backbone, weights_path=cfg.backbone_weights,
+                                       freeze_stem=cfg.freeze_stem, pool_last=cfg.pool_last,
+                                       grad_checkpointing=cfg.grad_checkpointing)
+        self.fusion = CrossModalEncoder(cfg)
+        self.visual = VisualEmbedding(self.backbone.out_channels, cfg)
+        self._staged: tuple[list, torch.Tensor] | None = None  # BatchNorm statistics before this step
 
     @property
     def hidden_size(self) -> int:
-        return self.fusion.config.hidden_size
+        return self.cfg.hidden_size
+
+    @property
+    def stride(self) -> int:
+        return self.backbone.stride
+
+    @property
+    def grid_channels(self) -> int:
+        return self.backbone.out_channels
+
+    @property
+    def bert_config(self):
+        return self.fusion.config
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.fusion.word_embeddings
 
     @property
     def visual_dictionary(self) -> VisualDictionary | None:
         return self.visual.vd
 
-    def image_tokens(self, images: torch.Tensor):
-        """images (B, 3, H, W) -> tokens (B, N, H) before position coding, VD indices (B, N), grid."""
-        return self.visual.quantise(self.backbone(images))
+    def _running_statistics(self) -> list[torch.Tensor]:
+        return [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
-    def fuse(self, input_ids, attention_mask, tokens, grid, image_index=None, mvm_mask=None):
-        """Joins captions with their images' tokens. `image_index` (T,) maps each caption to its image,
-        so each image's tokens are computed once and shared by its captions."""
-        visual = self.visual.embed(tokens, grid, self.fusion.visual_type_embedding, mvm_mask)
+    def encode_image(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisualTokens:
+        """images (B, 3, H, W), padded; image_sizes (B, 2) valid (height, width) in pixels, None: all valid."""
+        if self.training:
+            self.commit()
+            saved = [(b, b.clone()) for b in self._running_statistics()]
+        features = self.backbone(images)  # (B, C, h, w), once per image
+        grid = tuple(features.shape[-2:])
+        B = images.shape[0]
+        if image_sizes is None:
+            cells = torch.tensor(grid, device=images.device).expand(B, 2)
+        else:
+            cells = valid_cells(image_sizes.to(images.device), self.stride, grid)
+        rows = torch.arange(grid[0], device=images.device)[None, :, None] < cells[:, 0, None, None]
+        cols = torch.arange(grid[1], device=images.device)[None, None, :] < cells[:, 1, None, None]
+        valid = (rows & cols).reshape(B, -1)
+        tokens, vd_index = self.visual.quantise(features, valid)
+        if self.training:
+            self._staged = (saved, torch.isfinite(images).all() & torch.isfinite(features).all())
+        position = sine_position_encoding(cells, grid, self.hidden_size)
+        return VisualTokens(features, tokens, vd_index, valid, position, grid)
+
+    def embed_visual(self, visual: VisualTokens, image_index: torch.Tensor | None = None,
+                     mvm_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens ready for fusion, one row per caption: `image_index` (T,) maps each caption to
+        its image (None: one caption per image); `mvm_mask` (T, N) marks tokens to hide.
+        -> tokens (T, N, H), valid (T, N)."""
+        tokens, position, valid = visual.tokens, visual.position, visual.valid
         if image_index is not None:
-            visual = visual.index_select(0, image_index)
-        return self.fusion(input_ids, attention_mask, visual)
+            tokens, position, valid = (t.index_select(0, image_index) for t in (tokens, position, valid))
+        return self.visual.embed(tokens, position, self.fusion.visual_type_embedding, mvm_mask), valid
+
+    def fuse(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens,
+             image_index: torch.Tensor | None = None, mvm_mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joins captions (T, L) with their images' tokens -> sequence (T, L+N, H), pooled [CLS] (T, H).
+        Each image's tokens are computed once and shared by its captions."""
+        tokens, valid = self.embed_visual(visual, image_index, mvm_mask)
+        return self.fusion(input_ids, attention_mask, tokens, valid)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The words alone through the fusion layers: the [CLS] vector (T, H)."""
+        return self.fusion.encode_text(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def commit(self, ok: torch.Tensor | None = None) -> None:
+        """Keeps the statistics the last training `encode_image` changed (VD EMA, BatchNorm running
+        statistics) where the device flag `ok` holds, together with that step's input check; restores
+        them otherwise. Called with the loss's finiteness at the end of each training forward."""
+        if self.visual.vd is not None:
+            self.visual.vd.commit(ok)
+        if self._staged is None:
+            return
+        saved, inputs_ok = self._staged
+        self._staged = None
+        keep = inputs_ok if ok is None else inputs_ok & ok
+        for buffer, before in saved:
+            # .data: autograd saved BatchNorm's running statistics as inputs of this step's graph; they
+            # play no part in its training-mode backward, so changing them is safe, but must not be seen
+            buffer.data.copy_(torch.where(keep, buffer, before))
 
 
 def count_parameters(module: nn.Module) -> str:

@@ -1,23 +1,47 @@
-"""Pretraining as a trainer task: DALI image batches + captions -> model inputs; held-out evaluation."""
+"""Pretraining as a trainer task: DALI image batches + captions -> model inputs; held-out evaluation;
+TensorBoard pictures of what the Visual Dictionary sees."""
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
 
-from soho_ds.data.pipeline import ImageTextBatch, ShardLoader
+from soho_ds.config import ConfigError, RunConfig
+from soho_ds.data.pipeline import ImageSpec, ImageTextBatch, ShardLoader
 from soho_ds.data.regions import RegionSpec
+from soho_ds.data.shards import ShardError, check_manifest, list_shards, shard_fingerprint, trusted_index_paths
 from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
-from soho_ds.runtime.config import RunConfig
+from soho_ds.pretrain.pictures import draw_vd_picture
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import mean_over_ranks, to_device
 
+log = logging.getLogger(__name__)
+
+
+def check_shards(cfg: RunConfig) -> None:
+    """Before any process group: the configured shards exist and can be trusted as they are."""
+    for key, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+        if key == "data.train_shards" and not spec:
+            raise ConfigError(f"{cfg.source}: data.train_shards is required for pretraining")
+        if not spec:
+            continue
+        try:
+            paths = list_shards(spec)
+            trusted_index_paths(paths)
+            check_manifest(paths)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+        except ShardError as e:
+            raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+
 
 class PretrainTask:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, stride: int):
         d, p = cfg.data, cfg.pretrain
         self.cfg, self.dist, self.micro_batch = cfg, dist_info, micro_batch
         self.images_per_batch = micro_batch
+        self.spec = ImageSpec.from_config(d, stride)
         tokenizer = load_tokenizer(d.tokenizer_dir)
 
         def text_builder(seed: int) -> PretrainTextBuilder:
@@ -30,38 +54,74 @@ class PretrainTask:
         s = cfg.semantic
         # Detector boxes are read only when a semantic visual loss is on.
         self.regions = RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
+        self.fingerprint = shard_fingerprint(list_shards(d.train_shards))
         self.loader = self._train_loader(cfg.train.seed)
         self._val_loader = None
+        self._last_metas: list[dict] = []
 
-    def _train_loader(self, seed: int, checkpoint: str | None = None) -> ShardLoader:
+    def _train_loader(self, seed: int, state: dict | None = None) -> ShardLoader:
         d = self.cfg.data
-        return ShardLoader(d.train_shards, self.micro_batch, d.image_size, self.dist.rank, self.dist.world_size,
-                           train=True, crop_scale=d.crop_scale, hflip_prob=d.hflip_prob, num_threads=d.num_threads,
-                           seed=seed, shuffle_buffer=d.shuffle_buffer, device=self.dist.device.type,
-                           regions=self.regions, checkpoint=checkpoint)
+        return ShardLoader(d.train_shards, self.micro_batch, self.spec, self.dist.rank, self.dist.world_size,
+                           train=True, num_threads=d.num_threads, seed=seed, shuffle_buffer=d.shuffle_buffer,
+                           device=self.dist.device.type, regions=self.regions, checkpoint=state,
+                           group_by_orientation=d.group_by_orientation)
 
     def data_state(self) -> dict:
-        return {"dali": self.loader.checkpoint()}
+        return {"loader": self.loader.checkpoint(), "shards": self.fingerprint}
 
     def load_data_state(self, state: dict | None, step: int) -> None:
-        """Continues the data stream where `state` left it; with None (the world size changed, so
-        the old per-rank positions mean nothing) a fresh order seeded by the step."""
-        self.loader = (self._train_loader(self.cfg.train.seed, state["dali"]) if state is not None
+        """Continues the data stream where `state` left it. A fresh order seeded by the step when there
+        is none (the world size changed, so the old per-rank positions mean nothing) or when the shards
+        changed since (re-indexed after a bad sample was found: the old positions no longer match)."""
+        if state is not None and state.get("shards") != self.fingerprint:
+            log.warning("the shards changed since this checkpoint (re-indexed or replaced): the data order "
+                        "restarts, seeded by the step")
+            state = None
+        self.loader = (self._train_loader(self.cfg.train.seed, state["loader"]) if state is not None
                        else self._train_loader(self.cfg.train.seed + step))
 
     def make_batch(self, raw: ImageTextBatch, builder: PretrainTextBuilder) -> dict[str, torch.Tensor]:
         batch = builder([m["captions"] for m in raw.metas])
         batch["images"] = raw.images
+        batch["image_sizes"] = raw.image_sizes
         if raw.regions is not None:
             batch.update(raw.regions.as_batch())
         return batch
 
     def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         for raw in self.loader.forever():
+            self._last_metas = raw.metas
             yield self.make_batch(raw, self.text)
 
     def rng_generators(self) -> dict[str, torch.Generator]:
         return {"text": self.text.generator}
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {}
+
+    @torch.no_grad()
+    def log_pictures(self, module: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, logger) -> None:
+        """A few training images with a caption each and the VD index of every grid cell drawn over them;
+        the distribution of entry use and the number of dead entries."""
+        if not self.dist.is_main:
+            return
+        model = module.model
+        was_training = model.training
+        model.eval()  # no statistics change: this look is not a training step
+        n = min(4, len(batch["images"]))
+        visual = model.encode_image(batch["images"][:n], batch["image_sizes"][:n])
+        model.train(was_training)
+        for i in range(n):
+            caption = self._last_metas[i]["captions"][0] if i < len(self._last_metas) else ""
+            picture = draw_vd_picture(batch["images"][i].float().cpu(), batch["image_sizes"][i].tolist(),
+                                      None if visual.vd_index is None else visual.vd_index[i].cpu(), visual.grid,
+                                      caption)
+            logger.image(f"pictures/{i}", picture, step)
+        vd = model.visual_dictionary
+        if vd is not None:
+            logger.histogram("vd/entry_count", vd.ema_count.cpu(), step)
+            dead = (vd.ema_count < max(vd.restart_below, 1e-3) * vd.ema_count.mean()).sum().item()
+            logger.scalars(step, {"vd/dead_entries": float(dead)})
 
     @torch.no_grad()
     def evaluate(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -71,10 +131,10 @@ class PretrainTask:
         Each rank scores its own slice; the means are combined once at the end.
         """
         d = self.cfg.data
-        if d.val_shards is None:
+        if not d.val_shards:
             return {}
         if self._val_loader is None:
-            self._val_loader = ShardLoader(d.val_shards, self.micro_batch, d.image_size, self.dist.rank,
+            self._val_loader = ShardLoader(d.val_shards, self.micro_batch, self.spec, self.dist.rank,
                                            self.dist.world_size, train=False, num_threads=d.num_threads,
                                            device=self.dist.device.type, regions=self.regions)
         self.val_text.generator.manual_seed(self.val_seed)

@@ -2,9 +2,10 @@
 
 Every rank calls `save` and `resume` (DeepSpeed hangs if only rank 0 does). A tag is complete
 when every rank has written its engine shards and its own `rank_<rank>.pt` (RNG streams
-and data-loader position), all ranks have met at a barrier, and rank 0 has written `meta.json`;
-only then does rank 0 point `latest` at it (atomically, by rename). A run killed at any
-moment therefore resumes from the last complete tag, never from a half-written one.
+and data-loader position), all ranks have met at a barrier, and rank 0 has written the run
+config, any task files and `meta.json`; only then does rank 0 point `latest` at it (atomically,
+by rename). A run killed at any moment therefore resumes from the last complete tag, never
+from a half-written one. Nothing non-finite is ever written, and nothing non-finite is loaded.
 
 A checkpoint written at one world size resumes at another through DeepSpeed's universal
 checkpoint: `prepare_resume` converts the tag once (`ds_to_universal`) and switches the
@@ -23,7 +24,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from soho_ds.config import ReportedError
+from soho_ds.models.weights import non_finite
+
 log = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.yaml"  # beside every tag, consolidated file and export
+
+
+class CheckpointError(ReportedError, RuntimeError):
+    """A checkpoint that is missing, incomplete or unsafe to load or write."""
 
 
 def tag_for(step: int) -> str:
@@ -39,8 +49,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: dict) -> Path:
-    """Writes the tag `tag_for(step)`; `rank_state` is this rank's own (RNG streams, data position)."""
+def module_non_finite(module: torch.nn.Module) -> list[str]:
+    """Parameters and buffers of `module` holding NaN or infinity (collective-free; host sync)."""
+    return non_finite({**dict(module.named_parameters()), **dict(module.named_buffers())})
+
+
+def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: dict,
+         files: dict[str, str] | None = None) -> Path:
+    """Writes the tag `tag_for(step)`; `rank_state` is this rank's own (RNG streams, data position),
+    `files` (name -> text) are written beside the run config by rank 0 (e.g. the VQA answers).
+    Refuses, on every rank alike, to write weights or buffers that are not finite."""
+    bad = module_non_finite(engine.module)
+    flag = torch.tensor([float(bool(bad))], device=engine.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    if flag.item():
+        where = ", ".join(bad[:5]) or "on another rank"
+        raise CheckpointError(f"not saving step {step}: non-finite weights or buffers ({where}); the last good "
+                              f"checkpoint is {latest_tag(ckpt_dir) or 'none'} in {ckpt_dir}")
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
@@ -48,7 +74,9 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: 
     torch.save(rank_state, _rank_file(ckpt_dir / tag, rank))
     _barrier()  # every rank's files are on disk
     if rank == 0:
-        (ckpt_dir / tag / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        (ckpt_dir / tag / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+        for name, text in (files or {}).items():
+            (ckpt_dir / tag / name).write_text(text)
         (ckpt_dir / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": world}))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
@@ -66,7 +94,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
     meta = Path(ckpt_dir) / tag / "meta.json"
     if not meta.exists():
-        raise RuntimeError(f"{meta}: missing, so {tag} is not a complete soho-ds checkpoint")
+        raise CheckpointError(f"{meta}: missing, so {tag} is not a complete soho-ds checkpoint")
     return json.loads(meta.read_text())["world_size"]
 
 
@@ -86,24 +114,27 @@ def prepare_resume(ckpt_dir: str | Path, ds_config: dict, world_size: int, rank:
                "--num_merge_workers", "1"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{src}: conversion to a universal checkpoint failed:\n{done.stderr[-3000:]}")
+            raise CheckpointError(f"{src}: conversion to a universal checkpoint failed:\n{done.stderr[-3000:]}")
     _barrier()
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def resume(engine, ckpt_dir: str | Path) -> tuple[dict, dict | None] | None:
+def resume(engine, ckpt_dir: str | Path) -> tuple[dict, dict | None]:
     """Loads the latest complete checkpoint into `engine`. Returns (client state, this rank's own
-    state or None when the world size changed), or None when there is no checkpoint."""
+    state or None when the world size changed). Refuses a checkpoint with non-finite values."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
-        log.info("no checkpoint in %s: starting from scratch", ckpt_dir)
-        return None
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume from")
     universal = engine.load_universal_checkpoint()
     load_tag = f"{tag}_universal" if universal else tag
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir}/{load_tag}: checkpoint named by 'latest' could not be loaded")
+        raise CheckpointError(f"{ckpt_dir}/{load_tag}: checkpoint named by 'latest' could not be loaded")
+    bad = module_non_finite(engine.module)
+    if bad:
+        raise CheckpointError(f"{ckpt_dir}/{load_tag}: {len(bad)} tensors hold NaN or infinite values "
+                              f"({', '.join(bad[:5])}); resume from an earlier tag (edit {ckpt_dir}/latest)")
     rank_file = _rank_file(ckpt_dir / tag, engine.global_rank)
     own = None if universal else torch.load(rank_file, weights_only=False)
     if universal:
@@ -116,21 +147,25 @@ def resume(engine, ckpt_dir: str | Path) -> tuple[dict, dict | None] | None:
 
 
 def state_digest(engine) -> dict[str, float]:
-    """Sums of the fp32 master weights and both Adam moments over every rank's ZeRO partition
-    (collective: every rank calls it). Logged at each save and resume: equal digests (up to
-    summation order) show that a resume, also at another world size, restored the weights and
-    the optimizer moments. Partition padding is zero and adds nothing."""
-    opt = engine.optimizer
-    sums = torch.zeros(3, dtype=torch.float64)
-    for flat in opt.single_partition_of_fp32_groups:
-        state = opt.optimizer.state.get(flat, {})
-        sums += torch.stack([flat.detach().double().sum().cpu()] + [
-            state[k].double().sum().cpu() if k in state else torch.zeros((), dtype=torch.float64)
-            for k in ("exp_avg", "exp_avg_sq")])
+    """Sums of the fp32 master weights (DeepSpeed's public `safe_get_full_fp32_param`) and of each
+    optimizer state (Adam moments, SGD momentum) held by this run's own client optimizer over its
+    ZeRO partitions, all ranks together (collective: every rank calls it). Logged at each save and
+    resume: equal digests (up to summation order; partition padding is zero) show that a resume,
+    also at another world size, restored the weights and the optimizer state."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = sum(safe_get_full_fp32_param(p).double().sum().item()
+                  for p in engine.module.parameters() if p.requires_grad)
+    keys = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+    local = torch.zeros(len(keys), dtype=torch.float64)
+    for state in engine.basic_optimizer.state.values():
+        for i, key in enumerate(keys):
+            if torch.is_tensor(state.get(key)):
+                local[i] += state[key].double().sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        sums = sums.to(engine.device)
-        dist.all_reduce(sums)
-    return dict(zip(("weights", "exp_avg", "exp_avg_sq"), sums.tolist()))
+        local = local.to(engine.device)
+        dist.all_reduce(local)
+    return {"weights": weights, **dict(zip(keys, local.tolist()))}
 
 
 def format_digest(digest: dict[str, float]) -> str:
@@ -145,3 +180,47 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     for k, g in generators.items():
         g.set_state(state[k])
+
+
+# --- reading a trained model back: --init, load_model, export --------------------------------------
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """The tag folder of a checkpoint folder (its `latest`) or of a tag."""
+    path = Path(path)
+    if (path / "latest").exists():
+        return path / latest_tag(path)
+    return path
+
+
+def find_run_config(path: str | Path) -> tuple[dict, str] | None:
+    """(the run config saved with a checkpoint, where it was read), or None when there is none: a
+    checkpoint folder or tag holds RUN_CONFIG; an export folder too; a consolidated X.pt has X.yaml."""
+    path = Path(path)
+    candidates = [path.with_suffix(".yaml")] if path.is_file() else [resolve_tag_dir(path) / RUN_CONFIG,
+                                                                     path / RUN_CONFIG]
+    for c in candidates:
+        if c.is_file():
+            return yaml.safe_load(c.read_text()) or {}, str(c)
+    return None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from a DeepSpeed checkpoint folder or tag (consolidated with DeepSpeed's own
+    zero_to_fp32), a .pt file or an export folder's model.safetensors."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if (path / "model.safetensors").is_file():
+        return load_weights(path / "model.safetensors")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (path / "latest").exists():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    if path.is_dir() and ((path.parent / "latest").exists() or list(path.glob("*model_states.pt"))):
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    raise CheckpointError(f"{path}: not a checkpoint (no 'latest' file, no model states, no model.safetensors, "
+                          "not a .pt)")

@@ -13,6 +13,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from soho_ds.config import ReportedError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -52,8 +54,14 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
-                                   verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout, verbose=False)
+        except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+                raise PortInUse(f"port {port} on {addr} is already in use, most likely by another job: give this "
+                                f"one its own port (deepspeed --master_port P ...)") from None
+            raise
         _unlink_shm_allreduce_buffer(dist.get_rank())
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -78,7 +86,11 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
         shm_allreduce_buffer(rank).unlink()
 
 
-class PeerFailure(RuntimeError):
+class PortInUse(ReportedError, RuntimeError):
+    """The rendezvous port is taken (another job on this machine)."""
+
+
+class PeerFailure(ReportedError, RuntimeError):
     """Another rank died or stopped responding; raised instead of waiting for it forever."""
 
 

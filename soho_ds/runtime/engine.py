@@ -1,30 +1,100 @@
-"""The one `deepspeed.initialize` call: precision, optimizer param groups and LR schedule.
+"""The one `deepspeed.initialize` call, and everything it is given: the checked DeepSpeed JSON
+(batch arithmetic, precision), the optimizer with its param groups and the LR schedule.
 
-The DeepSpeed JSON owns ZeRO, precision, batch arithmetic and clipping. The optimizer and
-schedule come from the YAML and are handed to the engine as a client optimizer (AdamW, which
-ZeRO supports) and a LambdaLR, so per-group learning rates (the CNN's multiplier) survive.
+The DeepSpeed JSON owns ZeRO, precision, batch arithmetic and clipping; it is validated by
+DeepSpeed's own config model before any model exists. The optimizer and schedule come from the
+YAML and are handed to the engine as a client optimizer (torch's fused AdamW, or SOHO's SGD for
+the CNN + AdamW for the rest) and a transformers schedule, so per-group learning rates survive.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
-import math
+from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
-from soho_ds.runtime.config import TrainConfig
+from soho_ds.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 
+def load_ds_config(path: str | Path) -> dict:
+    """Reads a DeepSpeed JSON config, refusing it with its file name if it is broken."""
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    if "train_micro_batch_size_per_gpu" not in ds:
+        raise ConfigError(f"{path}: train_micro_batch_size_per_gpu is required")
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
+        value = ds.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return ds
+
+
+def resolve_batch(ds: dict, world_size: int, source: str) -> dict:
+    """Makes the global batch what the config says at any world size.
+
+    With `train_batch_size` in the JSON (the recommended form), accumulation is derived:
+    train_batch_size = micro-batch x accumulation x world size, refused if it does not divide.
+    Without it, the global batch is micro-batch x accumulation x world size and grows with the
+    world. Returns the DeepSpeed config with all three values explicit.
+    """
+    micro = ds["train_micro_batch_size_per_gpu"]
+    if "train_batch_size" in ds:
+        glob = ds["train_batch_size"]
+        accum, rest = divmod(glob, micro * world_size)
+        if rest or accum == 0:
+            raise ConfigError(f"{source}: train_batch_size {glob} is not a multiple of micro-batch {micro} x world "
+                              f"size {world_size}: choose a global batch divisible by {micro * world_size}")
+        if ds.get("gradient_accumulation_steps", accum) != accum:
+            raise ConfigError(f"{source}: gradient_accumulation_steps {ds['gradient_accumulation_steps']} contradicts "
+                              f"train_batch_size {glob} = micro-batch {micro} x world size {world_size} x {accum}; "
+                              "leave accumulation out to have it derived")
+    else:
+        accum = ds.get("gradient_accumulation_steps", 1)
+        glob = micro * accum * world_size
+    return {**ds, "train_batch_size": glob, "gradient_accumulation_steps": accum}
+
+
+def validate_ds_config(ds: dict, source: str) -> None:
+    """Runs DeepSpeed's own config model over `ds` (batch fields already resolved), so that a bad
+    value (ZeRO stage 7, a string where a number belongs) is refused now, with the file named."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # DeepSpeedConfig checks the batch product against the world it sees; before the process group
+    # exists that is 1, so it is given the one-rank equivalent (resolve_batch checked the real one).
+    alone = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]}
+    try:
+        config = DeepSpeedConfig(alone)
+    except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, TypeError: all mean "refused"
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"{source}: DeepSpeed refuses this config: {' '.join(lines[:6])}") from None
+    if config.zero_optimization_stage not in (1, 2):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 1 or 2 (soho-ds shards optimizer state and "
+                          f"gradients with ZeRO-2), got {config.zero_optimization_stage}")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """bf16 matrix instructions (AVX512-BF16 or AMX). Without them bf16 convolutions are emulated:
-    ~20x slower than fp32 on an AVX2 machine (measured), where fp16 is slower still."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """bf16 matrix instructions (AVX512-BF16 or AMX), from the kernel's CPU flags. Without them bf16
+    convolutions are emulated: ~20x slower than fp32 on an AVX2 machine (measured)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto") -> dict:
@@ -62,9 +132,9 @@ def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto"
 
 
 def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: no weight decay on biases and norms; the CNN at lr x cnn_lr_mult; the task or
-    pretraining heads (everything outside the CNN, the visual embedding and the transformer) at
-    lr x head_lr_mult."""
+    """Optimizer groups: no weight decay on biases and norms; the CNN at lr x cnn_lr_mult (and, with
+    `cnn_optimizer: sgd`, SGD's momentum and weight decay); the task or pretraining heads (everything
+    outside the CNN, the visual embedding and the transformer) at lr x head_lr_mult."""
     groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -75,31 +145,81 @@ def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
         no_decay = p.ndim <= 1 or name.endswith(".bias")
         groups.setdefault((part, no_decay), []).append(p)
     mult = {"cnn": cfg.cnn_lr_mult, "transformer": 1.0, "head": cfg.head_lr_mult}
-    return [{"params": ps, "lr": cfg.lr * mult[part], "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-             "name": f"{part}{'_no_decay' if no_decay else ''}"}
-            for (part, no_decay), ps in sorted(groups.items())]
+    out = []
+    for (part, no_decay), ps in sorted(groups.items()):
+        sgd = part == "cnn" and cfg.cnn_optimizer == "sgd"
+        decay = cfg.cnn_weight_decay if sgd else cfg.weight_decay
+        out.append({"params": ps, "lr": cfg.lr * mult[part], "weight_decay": 0.0 if no_decay else decay,
+                    "name": f"{part}{'_no_decay' if no_decay else ''}", "optimizer": "sgd" if sgd else "adamw"})
+    return out
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then linear/cosine decay to 0 at `max_steps` (or constant)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.lr_decay == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
+class SGDAdamW(torch.optim.Optimizer):
+    """SOHO's optimizer recipe as one client optimizer for ZeRO: each param group is stepped by torch's
+    own SGD (group "optimizer": "sgd", the CNN) or fused AdamW ("adamw", everything else).
+
+    The inner optimizers share this one's group dicts (ZeRO swaps each group's params for its flat
+    partition in place) and its state, so checkpoints hold both kinds of state in one dict.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float):
+        super().__init__(groups, {"lr": lr, "weight_decay": 0.0, "optimizer": "adamw"})
+        self._momentum, self._betas, self._eps = momentum, betas, eps
+        self._link()
+
+    def _link(self) -> None:
+        sgd = [g for g in self.param_groups if g["optimizer"] == "sgd"]
+        adamw = [g for g in self.param_groups if g["optimizer"] == "adamw"]
+        self._inner = {}
+        if sgd:
+            self._inner["sgd"] = torch.optim.SGD(sgd, lr=sgd[0]["lr"], momentum=self._momentum)
+        if adamw:
+            self._inner["adamw"] = torch.optim.AdamW(adamw, lr=adamw[0]["lr"], betas=self._betas, eps=self._eps,
+                                                     fused=True)
+        for opt in self._inner.values():
+            opt.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaced the group dicts and the state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Steps the groups in `param_groups` now: ZeRO steps one group at a time by narrowing it."""
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            opt = self._inner[group["optimizer"]]
+            own, opt.param_groups = opt.param_groups, [group]
+            try:
+                opt.step()
+            finally:
+                opt.param_groups = own
+        return loss
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(module, cfg)
+    if cfg.cnn_optimizer == "sgd":
+        return SGDAdamW(groups, cfg.lr, cfg.betas, cfg.eps, cfg.cnn_momentum)
+    # torch's fused AdamW (CUDA and CPU kernels): one pass over each flat ZeRO partition instead of
+    # the ~8 elementwise passes of the default implementation, each of which re-reads the whole
+    # partition from memory (R50 + BERT-base on 2 CPU cores: optimizer step 3-4 s -> 0.8 s).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=True)
+
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # transformers' names
 
 
 def build_engine(module: nn.Module, cfg: TrainConfig, ds_config: dict):
     """Wraps `module` in a DeepSpeed engine (ZeRO as configured); returns the engine."""
-    # torch's fused AdamW (CUDA and CPU kernels): one pass over each flat ZeRO partition instead of
-    # the ~8 elementwise passes of the default implementation, each of which re-reads the whole
-    # partition from memory (R50 + BERT-base on 2 CPU cores: optimizer step 3-4 s -> 0.8 s).
-    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    from transformers import get_scheduler
+
+    optimizer = build_optimizer(module, cfg)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_decay], optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    if isinstance(optimizer, SGDAdamW):  # DeepSpeed accepts a client optimizer it has not tested when told
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine

@@ -39,12 +39,24 @@ class RunLogger:
             with open(path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def text(self, tag: str, body: str) -> None:
+    def text(self, tag: str, body: str, step: int | None = None) -> None:
         if self.writer is not None:
-            self.writer.add_text(tag, body)
+            self.writer.add_text(tag, body, step)
+
+    def image(self, tag: str, pixels, step: int) -> None:
+        """pixels: (H, W, 3) uint8."""
+        if self.writer is not None:
+            self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
 
     def info(self, msg: str, *args) -> None:
         log.info(msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        log.warning(msg, *args)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,6 @@
 """What every downstream task shares: annotation reading with located errors, the finetune model
-base (SOHO + a task head, loaded from a pretraining checkpoint), and rank-sliced batching.
+base (SOHO + a task head, loaded from a checkpoint), image files checked before training, and
+rank-sliced batching.
 
 A task module adds only its reader, head, loss and metric; the loop is `runtime.trainer`.
 """
@@ -9,26 +10,27 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from soho_ds.data.pipeline import ImageFileDecoder
+from soho_ds.config import ReportedError, RunConfig
+from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 from soho_ds.data.text import load_tokenizer
-from soho_ds.models.backbone import load_checked
+from soho_ds.models.losses import classification_loss
 from soho_ds.models.soho import SohoModel
-from soho_ds.pretrain.objectives import classification_loss
-from soho_ds.runtime.config import RunConfig
+from soho_ds.models.weights import load_checked
+from soho_ds.runtime.checkpoint import load_weights
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import to_device
 
 log = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
-    """A malformed annotation, reported with its file and line."""
+class AnnotationError(ReportedError, ValueError):
+    """A malformed annotation, or the images it names missing, reported with its file and line."""
 
 
 def read_json(path: str | Path):
@@ -73,30 +75,42 @@ class FinetuneModel(nn.Module):
         super().__init__()
         self.model = SohoModel(cfg.model)
 
-    def encode(self, images, input_ids, attention_mask, image_index=None) -> torch.Tensor:
-        """-> pooled [CLS] vector (T, H) for each text, paired with images[image_index]."""
-        tokens, _, grid = self.model.image_tokens(images)
-        _, pooled = self.model.fuse(input_ids, attention_mask, tokens, grid, image_index)
+    def encode(self, batch: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """-> pooled [CLS] vector (T, H) for each text, paired with batch["images"][image_index]."""
+        visual = self.model.encode_image(batch["images"], batch.get("image_sizes"))
+        _, pooled = self.model.fuse(input_ids, attention_mask, visual, image_index)
         return pooled
 
-    def load_pretrained(self, path: str) -> None:
-        """Loads the SOHO weights of a pretraining checkpoint (a DeepSpeed checkpoint folder, one of
-        its tags, or a consolidated .pt state dict). Pretraining heads are left out by name; every
-        SOHO key must be present with its shape."""
-        state = load_checkpoint_weights(path)
+    def finish(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ends a training forward: the VD and BatchNorm statistics stay only if the loss is finite."""
+        self.model.commit(torch.isfinite(out["loss"]))
+        return out
+
+    def load_pretrained(self, path: str, same_task: bool = False) -> None:
+        """Loads a checkpoint (a DeepSpeed checkpoint folder, one of its tags, a consolidated .pt, or an
+        export). From this task's own checkpoint every weight, head included, must fit; from a
+        pretraining or another task's checkpoint, the SOHO weights and `reused_heads`, every key
+        present with its shape, the other heads left out by name."""
+        state = load_weights(path)
+        if same_task:
+            load_checked(self, {k: v.to(self.state_dict()[k].dtype) if k in self.state_dict() else v
+                                for k, v in state.items()}, str(path))
+            log.info("initialised every weight, the task head included, from %s", path)
+            return
         soho = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         for head in self.reused_heads:
             load_checked(getattr(self, head), {k[len(head) + 1:]: v for k, v in state.items()
                                                if k.startswith(head + ".")}, f"{path} ({head})")
-        skipped = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state
+        skipped = sorted({k.split(".")[0] for k in state
                           if not k.startswith(("model.",) + tuple(h + "." for h in self.reused_heads))})
         own = self.model.state_dict()
         unused = sorted(k for k in soho if k not in own)  # e.g. the VD when this task runs without it
         if unused:
             log.info("%s: not used by this model: %s", path, sorted({".".join(k.split(".")[:3]) for k in unused}))
         soho = {k: v.to(own[k].dtype) for k, v in soho.items() if k in own}
-        load_checked(self.model, soho, path)
-        log.info("initialised from %s (left out the pretraining heads %s)", path, skipped)
+        load_checked(self.model, soho, str(path))
+        log.info("initialised from %s (left out the heads %s)", path, skipped)
 
 
 class ClassifierModel(FinetuneModel):
@@ -104,20 +118,7 @@ class ClassifierModel(FinetuneModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss, acc = classification_loss(self.logits(batch), batch["labels"])
-        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
-
-
-def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if (path / "latest").exists():
-        return get_fp32_state_dict_from_zero_checkpoint(str(path))
-    if path.is_dir() and (path.parent / "latest").exists() or list(path.glob("*model_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    raise FileNotFoundError(f"{path}: not a checkpoint (no 'latest' file, no model states, not a .pt)")
+        return self.finish({"loss": loss, "loss/cls": loss, "acc/cls": acc})
 
 
 class ExampleTask(ABC):
@@ -125,32 +126,64 @@ class ExampleTask(ABC):
     permutation drawn from (seed, epoch). Every rank gets the same number of batches (the
     remainder of an epoch is dropped), so no rank waits at a collective."""
 
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int):
-        self.cfg, self.dist, self.micro_batch = cfg, dist_info, micro_batch
+    name: str = ""  # the key of soho_ds.tasks.TASKS and the value of task.name
+
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, init: str | None = None):
+        self.cfg, self.dist, self.micro_batch, self.init = cfg, dist_info, micro_batch, init
         self.images_per_batch = micro_batch
         d = cfg.data
         self.tokenizer = load_tokenizer(d.tokenizer_dir)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist_info.rank)
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         device = dist_info.device.type
-        self.train_images = ImageFileDecoder(d.image_size, micro_batch * 2, train=True, crop_scale=d.crop_scale,
-                                             hflip_prob=d.hflip_prob, num_threads=d.num_threads,
+        spec = ImageSpec.from_config(d, cfg.model.stride)
+        self.train_images = ImageFileDecoder(spec, micro_batch * 2, train=True, num_threads=d.num_threads,
                                              seed=cfg.train.seed + dist_info.rank, device=device)
-        self.eval_images = ImageFileDecoder(d.image_size, micro_batch * 2, train=False, num_threads=d.num_threads,
+        self.eval_images = ImageFileDecoder(spec, micro_batch * 2, train=False, num_threads=d.num_threads,
                                             device=device)
         self.train_examples: list = []
 
     def image_path(self, name: str) -> str:
         return str(Path(self.cfg.task.image_root) / name)
 
+    def keep_present(self, items: list, names: Callable[[object], list[str]], source: str | None) -> list:
+        """`items` whose image files all exist. A missing one is refused (task.missing_images: error,
+        with the count and the first names) before any training, or left out and counted (skip)."""
+        missing: dict[str, None] = {}
+        kept = []
+        for item in items:
+            absent = [n for n in names(item) if not Path(self.image_path(n)).is_file()]
+            for n in absent:
+                missing[n] = None
+            if not absent:
+                kept.append(item)
+        if missing:
+            first = ", ".join(list(missing)[:5])
+            if self.cfg.task.missing_images == "error":
+                raise AnnotationError(f"{source}: {len(missing)} image files it names are missing under "
+                                      f"{self.cfg.task.image_root} (first: {first}); fix task.image_root or "
+                                      "task.image_pattern, or set task.missing_images: skip to leave those "
+                                      "examples out")
+            log.warning("%s: left out %d of %d examples whose images are missing (%d files, first: %s)", source,
+                        len(items) - len(kept), len(items), len(missing), first)
+        return kept
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.data.max_text_len,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def images(self, names: list[str], train: bool) -> dict[str, torch.Tensor]:
+        images, sizes = (self.train_images if train else self.eval_images)([self.image_path(n) for n in names])
+        return {"images": images, "image_sizes": sizes}
+
     @abstractmethod
     def collate(self, examples: list, train: bool) -> dict[str, torch.Tensor]:
         """Examples -> a batch of tensors for the task's model."""
+
+    @abstractmethod
+    def make_model(self) -> FinetuneModel:
+        """The task's model (SOHO + head) for this config."""
 
     @abstractmethod
     def chance(self) -> dict[str, float]:
@@ -158,6 +191,10 @@ class ExampleTask(ABC):
 
     def blind_baselines(self) -> dict[str, float]:
         """What a model that ignores the image scores (the text's own prior), where the task states one."""
+        return {}
+
+    def checkpoint_files(self) -> dict[str, str]:
+        """Files the task writes beside each checkpoint (name -> text)."""
         return {}
 
     @abstractmethod

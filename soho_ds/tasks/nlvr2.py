@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from soho_ds.config import RunConfig
 from soho_ds.models.heads import mlp_classifier
-from soho_ds.runtime.config import RunConfig
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 LABELS = {"False": 0, "True": 1}
@@ -56,15 +56,19 @@ class NLVR2Model(ClassifierModel):
         # images = [left_0..left_B-1, right_0..right_B-1]: one CNN pass, two fusion passes
         index = torch.arange(B, device=batch["input_ids"].device)
         ids, mask = batch["input_ids"].repeat(2, 1), batch["attention_mask"].repeat(2, 1)
-        pooled = self.encode(batch["images"], ids, mask, torch.cat([index, index + B]))
+        pooled = self.encode(batch, ids, mask, torch.cat([index, index + B]))
         return self.head(torch.cat([pooled[:B], pooled[B:]], dim=-1)).float()
 
 
 class NLVR2Task(ExampleTask):
-    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
-        super().__init__(cfg, dist_info, micro_batch)
-        self.train_examples = read_nlvr2(cfg.task.train_file)
-        self.eval_examples = read_nlvr2(cfg.task.eval_file)
+    name = "nlvr2"
+
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
+        super().__init__(cfg, dist_info, micro_batch, init)
+        t = cfg.task
+        names = lambda e: list(e.images)  # noqa: E731
+        self.train_examples = self.keep_present(read_nlvr2(t.train_file), names, t.train_file) if t.train_file else []
+        self.eval_examples = self.keep_present(read_nlvr2(t.eval_file), names, t.eval_file)
 
     def chance(self) -> dict[str, float]:
         return {"accuracy": 50.0}
@@ -74,8 +78,7 @@ class NLVR2Task(ExampleTask):
 
     def collate(self, examples: list[NLVR2Example], train: bool = True):
         batch = self.tokenize([e.sentence for e in examples])
-        paths = [self.image_path(e.images[0]) for e in examples] + [self.image_path(e.images[1]) for e in examples]
-        batch["images"] = (self.train_images if train else self.eval_images)(paths)
+        batch.update(self.images([e.images[0] for e in examples] + [e.images[1] for e in examples], train))
         batch["labels"] = torch.tensor([e.label for e in examples])
         return batch
 

@@ -6,7 +6,8 @@ official captions JSON (`captions_val2014.json`) and Flickr30k-Entities `Sentenc
 
 Evaluation scores every (image, caption) pair with the ITM head. Each image's visual tokens
 are computed once and reused for all captions; captions are scored in chunks of
-`task.eval_batch` per forward pass, and ranks split the images. 1k images x 5k captions is
+`task.eval_batch` per forward pass, and ranks split the images. Ties in the scores are ranked
+by position (a lower index first), so the same scores always give the same recall. 1k images x 5k captions is
 5M fused pairs of ~40 tokens: at ~20k pairs/s for BERT-base in fp16 on one H100 (an estimate
 from the measured 648 img/s training step, which carries 4 captions per image plus backward)
 that is about 4 minutes on one GPU, 30 s on 8; COCO 5k x 25k is 25x that.
@@ -22,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soho_ds.models.heads import ITMHead
-from soho_ds.pretrain.objectives import classification_loss
-from soho_ds.runtime.config import RunConfig
+from soho_ds.config import RunConfig
+from soho_ds.models.heads import ContrastiveHead, ITMHead
+from soho_ds.models.losses import classification_loss, contrastive_loss
+from soho_ds.models.soho import VisualTokens
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
 
 
@@ -98,18 +100,25 @@ def read_retrieval(path: str | Path, splits: tuple[str, ...]) -> list[RetrievalI
     return read_karpathy(path, splits)
 
 
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(R, C) scores -> (R, C) order of candidates by decreasing score; ties keep the lower candidate
+    index first (a stable sort), so recall does not depend on how a sort happens to order ties."""
+    return scores.argsort(dim=1, descending=True, stable=True)
+
+
 def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """scores (I, T): higher = better match; text_image (T,): the image of each caption.
 
     Image->text R@K: an image counts if any of its captions is among its top K captions.
     Text->image R@K: a caption counts if its image is among its top K images.
+    Tied scores are ordered by index (see `_ranks`).
     """
     I, T = scores.shape
     gt = text_image[None, :] == torch.arange(I)[:, None]  # (I, T)
     out = {}
-    order_t = scores.argsort(dim=1, descending=True)  # captions ranked per image
+    order_t = _ranks(scores)  # captions ranked per image
     best_rank_i2t = torch.where(gt.gather(1, order_t), torch.arange(T).expand(I, T), T).min(1).values
-    order_i = scores.t().argsort(dim=1, descending=True)  # images ranked per caption
+    order_i = _ranks(scores.t())  # images ranked per caption
     rank_t2i = (order_i == text_image[:, None]).float().argmax(1)
     for k in ks:
         out[f"i2t_r{k}"] = (best_rank_i2t < k).float().mean().item() * 100
@@ -126,6 +135,15 @@ def fold_recall(scores: torch.Tensor, text_image: torch.Tensor, fold: int, folds
     return recall_at_k(scores[lo:hi][:, cols], text_image[cols] - lo)
 
 
+def chance_recall(num_images: int, num_texts: int, ks=(1, 5, 10)) -> dict[str, float]:
+    """R@K (%) of a random ranking: text->image K/images; image->text 1 - C(T-c, K)/C(T, K) for c
+    captions per image (the chance that one of them is drawn). At most 100."""
+    per_image = round(num_texts / num_images)
+    return {**{f"t2i_r{k}": 100 * min(1.0, k / num_images) for k in ks},
+            **{f"i2t_r{k}": 100 * min(1.0, 1 - math.comb(num_texts - per_image, k) / math.comb(num_texts, k))
+               for k in ks}}
+
+
 def sample_hard(scores: torch.Tensor) -> torch.Tensor:
     """One negative per row, drawn with probability softmax(score) (ALBEF) rather than the argmax:
     short captions are often true of other images too, and the single best-scoring one would
@@ -135,64 +153,84 @@ def sample_hard(scores: torch.Tensor) -> torch.Tensor:
 
 
 class RetrievalModel(FinetuneModel):
+    """ITM scoring of (image, caption) pairs; with pretrain.itc_weight > 0 also the ITC projections,
+    trained alongside, which give a cheap first stage for large image sets (tools/retrieve.py)."""
     reused_heads = ("itm_head",)
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.itm_head = ITMHead(self.model.hidden_size)
+        self.itc_weight, self.itc_temperature = cfg.pretrain.itc_weight, cfg.pretrain.itc_temperature
+        self.itc_head = ContrastiveHead(self.model.hidden_size, cfg.pretrain.itc_dim) if self.itc_weight > 0 else None
+        if self.itc_head is not None:
+            self.reused_heads = ("itm_head", "itc_head")
 
-    def pair_scores(self, tokens, grid, input_ids, attention_mask, image_index) -> torch.Tensor:
+    def pair_scores(self, visual: VisualTokens, input_ids, attention_mask, image_index) -> torch.Tensor:
         """ITM score (logit of "matched" minus "not matched") for each caption with its image."""
-        _, pooled = self.model.fuse(input_ids, attention_mask, tokens, grid, image_index)
+        _, pooled = self.model.fuse(input_ids, attention_mask, visual, image_index)
         logits = self.itm_head(pooled).float()
         return logits[:, 1] - logits[:, 0]
+
+    def embed_images(self, visual: VisualTokens) -> torch.Tensor:
+        """ITC unit vectors (B, dim) of encoded images: the first stage of large-scale retrieval."""
+        return self.itc_head.embed_image(visual.tokens, visual.valid)
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC unit vectors (T, dim) of captions."""
+        return self.itc_head.embed_text(self.model.encode_text(input_ids, attention_mask))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B images with one caption each. Negatives from the batch: for each caption another image,
         for each image another caption, each drawn by its score (`sample_hard`, without gradient)."""
         ids, mask, same = batch["input_ids"], batch["attention_mask"], batch["same_image"]
         B = ids.shape[0]
-        tokens, _, grid = self.model.image_tokens(batch["images"])
+        visual = self.model.encode_image(batch["images"], batch.get("image_sizes"))
         with torch.no_grad():
             img = torch.arange(B, device=ids.device).repeat_interleave(B)  # pair (i, t): image i, caption t
             txt = torch.arange(B, device=ids.device).repeat(B)
-            scores = self.pair_scores(tokens, grid, ids[txt], mask[txt], img).view(B, B)
+            scores = self.pair_scores(visual, ids[txt], mask[txt], img).view(B, B)
             scores = scores.masked_fill(same, float("-inf"))  # a caption of the same image is no negative
             hard_image = sample_hard(scores.t())  # for caption t
             hard_text = sample_hard(scores)  # for image i
         idx = torch.arange(B, device=ids.device)
         image_index = torch.cat([idx, hard_image, idx])
         text_index = torch.cat([idx, idx, hard_text])
-        _, pooled = self.model.fuse(ids[text_index], mask[text_index], tokens, grid, image_index)
+        _, pooled = self.model.fuse(ids[text_index], mask[text_index], visual, image_index)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
         loss, acc = classification_loss(self.itm_head(pooled), labels)
-        return {"loss": loss, "loss/itm": loss, "acc/itm": acc}
+        out = {"loss/itm": loss, "acc/itm": acc}
+        if self.itc_head is not None:
+            image_emb, text_emb = self.itc_head(visual.tokens, visual.valid, self.model.encode_text(ids, mask))
+            out["loss/itc"], out["acc/itc"] = contrastive_loss(image_emb, text_emb, idx, self.itc_temperature)
+            loss = loss + self.itc_weight * out["loss/itc"]
+        out["loss"] = loss
+        return self.finish(out)
 
 
 class RetrievalTask(ExampleTask):
-    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
-        super().__init__(cfg, dist_info, micro_batch)
+    name = "retrieval"
+
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
+        super().__init__(cfg, dist_info, micro_batch, init)
         t = cfg.task
-        self.train_images_list = read_retrieval(t.train_file, t.train_splits)
-        self.eval_images_list = read_retrieval(t.eval_file, (t.eval_split,))
+        names = lambda im: [im.image]  # noqa: E731
+        self.train_images_list = (self.keep_present(read_retrieval(t.train_file, t.train_splits), names, t.train_file)
+                                  if t.train_file else [])
+        self.eval_images_list = self.keep_present(read_retrieval(t.eval_file, (t.eval_split,)), names, t.eval_file)
+        if not self.eval_images_list:
+            raise AnnotationError(f"{t.eval_file}: no image of split {t.eval_split!r}")
         self.train_examples = [(i, c) for i, im in enumerate(self.train_images_list) for c in im.captions]
 
     def make_model(self) -> RetrievalModel:
         return RetrievalModel(self.cfg)
 
     def chance(self) -> dict[str, float]:
-        """Random ranking: R@K = K / number of candidates (approximately, for i2t with 5 captions)."""
-        n_img = len(self.eval_images_list)
-        n_txt = sum(len(im.captions) for im in self.eval_images_list)
-        per_image = n_txt / n_img
-        return {**{f"t2i_r{k}": 100 * k / n_img for k in (1, 5, 10)},
-                **{f"i2t_r{k}": 100 * min(1.0, 1 - math.comb(n_txt - round(per_image), k) / math.comb(n_txt, k))
-                   for k in (1, 5, 10)}}
+        return chance_recall(len(self.eval_images_list), sum(len(im.captions) for im in self.eval_images_list))
 
     def collate(self, examples, train: bool = True):
         images = [self.train_images_list[i] for i, _ in examples]
         batch = self.tokenize([c for _, c in examples])
-        batch["images"] = self.train_images([self.image_path(im.image) for im in images])
+        batch.update(self.images([im.image for im in images], train=True))
         ids = [im.image_id for im in images]
         batch["same_image"] = torch.tensor([[a == b for b in ids] for a in ids])
         return batch
@@ -202,27 +240,7 @@ class RetrievalTask(ExampleTask):
         images = self.eval_images_list
         texts = [c for im in images for c in im.captions]
         text_image = torch.tensor([i for i, im in enumerate(images) for _ in im.captions])
-        enc = self.tokenize(texts)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        scores = torch.zeros(len(images), len(texts), device=device)
-        was_training = module.training
-        module.eval()
-        mine = list(self.eval_slice(len(images)))
-        chunk = self.cfg.task.eval_batch
-        for start in range(0, len(mine), self.micro_batch):
-            rows = mine[start:start + self.micro_batch]
-            pixels = self.eval_images([self.image_path(images[i].image) for i in rows]).to(device, dtype)
-            tokens, _, grid = module.model.image_tokens(pixels)  # once per image
-            for r, i in enumerate(rows):
-                for t0 in range(0, len(texts), chunk):
-                    n = min(chunk, len(texts) - t0)
-                    image_index = torch.full((n,), r, device=device, dtype=torch.long)
-                    scores[i, t0:t0 + n] = module.pair_scores(tokens, grid, ids[t0:t0 + n], mask[t0:t0 + n],
-                                                              image_index)
-        module.train(was_training)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(scores)  # each rank filled its own rows
-        scores = scores.cpu()
+        scores = score_all_pairs(module, self, [im.image for im in images], texts, device, dtype)
         metrics = recall_at_k(scores, text_image)
         metrics["num_images"], metrics["num_texts"] = float(len(images)), float(len(texts))
         folds = self.cfg.task.eval_folds
@@ -231,3 +249,35 @@ class RetrievalTask(ExampleTask):
             for k in per_fold[0]:
                 metrics[f"{folds}fold/{k}"] = sum(m[k] for m in per_fold) / folds
         return metrics
+
+
+def score_all_pairs(module: RetrievalModel, task: ExampleTask, image_names: list[str], texts: list[str], device,
+                    dtype) -> torch.Tensor:
+    """(images, texts) ITM scores of every pair; ranks split the images, each image is encoded once.
+    Shows progress and an ETA on the main rank."""
+    from tqdm import tqdm
+
+    enc = task.tokenize(texts)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    scores = torch.zeros(len(image_names), len(texts), device=device)
+    was_training = module.training
+    module.eval()
+    mine = list(task.eval_slice(len(image_names)))
+    chunk = task.cfg.task.eval_batch
+    bar = tqdm(total=len(mine) * len(texts), unit="pair", desc="retrieval: scoring all pairs", unit_scale=True,
+               disable=not task.dist.is_main, mininterval=5)
+    for start in range(0, len(mine), task.micro_batch):
+        rows = mine[start:start + task.micro_batch]
+        batch = task.images([image_names[i] for i in rows], train=False)
+        visual = module.model.encode_image(batch["images"].to(device, dtype), batch["image_sizes"])  # once per image
+        for r, i in enumerate(rows):
+            for t0 in range(0, len(texts), chunk):
+                n = min(chunk, len(texts) - t0)
+                image_index = torch.full((n,), r, device=device, dtype=torch.long)
+                scores[i, t0:t0 + n] = module.pair_scores(visual, ids[t0:t0 + n], mask[t0:t0 + n], image_index)
+            bar.update(len(texts))
+    bar.close()
+    module.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(scores)  # each rank filled its own rows
+    return scores.cpu()

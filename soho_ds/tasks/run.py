@@ -1,45 +1,65 @@
-"""Finetune entry shared by the four drivers: task data first (it sizes the head), then model,
-engine and the one trainer."""
+"""Finetune entry shared by the four drivers: inputs checked (the checkpoint's model config
+included), task data read and its images checked (it sizes the head), then model, engine and
+the one trainer."""
 from __future__ import annotations
 
 import argparse
 import logging
 
-from soho_ds.pretrain.run import add_run_arguments, seed_rank, setup_run
+from soho_ds.config import ConfigError, RunConfig
+from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
+from soho_ds.runtime.run import add_run_arguments, prepare, seed_rank
 from soho_ds.runtime.trainer import Trainer
-from soho_ds.tasks.nlvr2 import NLVR2Task
-from soho_ds.tasks.retrieval import RetrievalTask
-from soho_ds.tasks.snli_ve import SNLIVETask
-from soho_ds.tasks.vqa import VQATask
+from soho_ds.tasks import TASKS
+from soho_ds.tasks.base import AnnotationError
 
 log = logging.getLogger(__name__)
 
-TASKS = {"retrieval": RetrievalTask, "vqa": VQATask, "nlvr2": NLVR2Task, "snli_ve": SNLIVETask}
-
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--init", help="pretraining checkpoint: DeepSpeed checkpoint folder, one tag, or .pt")
+    parser.add_argument("--init", help="checkpoint to start from: a DeepSpeed checkpoint folder, one tag, a "
+                                       "consolidated .pt or an export folder; its model config is used")
     parser.add_argument("--eval_only", action="store_true", help="evaluate --init (or the resumed run) and stop")
     return add_run_arguments(parser)
 
 
 def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
-    cfg, ds, dist_info, logger = setup_run(args)
-    if cfg.task.name != task_name:
-        raise SystemExit(f"{args.config}: task.name is {cfg.task.name!r}, this driver finetunes {task_name!r}")
-    task = TASKS[task_name](cfg, dist_info, ds["train_micro_batch_size_per_gpu"])
+    task_cls = TASKS[task_name]
+    saved = checkpoint.find_run_config(args.init) if args.init else None
+    if args.init and saved is None:
+        log.warning("%s has no %s beside it: the model is built from %s's model section", args.init,
+                    checkpoint.RUN_CONFIG, args.config)
+
+    def check(cfg: RunConfig) -> None:
+        if cfg.task.name != task_name:
+            raise ConfigError(f"{cfg.source}: task.name is {cfg.task.name!r}, this driver finetunes {task_name!r} "
+                              f"(tasks: {', '.join(TASKS)})")
+        if not args.eval_only and not cfg.task.train_file:
+            raise ConfigError(f"{cfg.source}: task.train_file is required to finetune (or pass --eval_only)")
+
+    run = prepare(args, saved, check, evaluate_only=args.eval_only)
+    cfg, dist_info = run.cfg, run.dist
+    task = task_cls(cfg, dist_info, run.ds["train_micro_batch_size_per_gpu"], args.init)
+    if not args.eval_only and not task.train_examples:
+        raise AnnotationError(f"{cfg.task.train_file}: no training examples (for vqa: task.train_answers too)")
     module = task.make_model()
     if args.init:
-        module.load_pretrained(args.init)
+        same_task = saved is not None and (saved[0].get("task") or {}).get("name") == task_name
+        module.load_pretrained(args.init, same_task=same_task)
     else:
         log.info("no --init: finetuning from the random initialisation")
-    engine = build_engine(module, cfg.train, ds)
+    engine = build_engine(module, cfg.train, run.ds)
     seed_rank(cfg, dist_info)
-    trainer = Trainer(engine, task, cfg, logger, dist_info)
+    trainer = Trainer(engine, task, cfg, run.logger, dist_info)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
-        metrics = trainer.evaluate(engine.global_steps) if args.eval_only else trainer.fit(resume=args.resume)
+        if args.eval_only:
+            if run.resume:
+                trainer.restore()
+            metrics = trainer.evaluate(engine.global_steps)
+        else:
+            metrics = trainer.fit(resume=run.resume)
     chance, blind = task.chance(), task.blind_baselines()
 
     def reference_levels(k: str) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from soho_ds.config import RunConfig
 from soho_ds.models.heads import mlp_classifier
-from soho_ds.runtime.config import RunConfig
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,18 @@ class SNLIVEModel(ClassifierModel):
         self.head = mlp_classifier(h, 2 * h, len(LABELS), cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
-        return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()
+        return self.head(self.encode(batch, batch["input_ids"], batch["attention_mask"])).float()
 
 
 class SNLIVETask(ExampleTask):
-    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
-        super().__init__(cfg, dist_info, micro_batch)
-        self.train_examples = read_snli_ve(cfg.task.train_file)
-        self.eval_examples = read_snli_ve(cfg.task.eval_file)
+    name = "snli_ve"
+
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
+        super().__init__(cfg, dist_info, micro_batch, init)
+        t = cfg.task
+        names = lambda e: [e.image]  # noqa: E731
+        self.train_examples = self.keep_present(read_snli_ve(t.train_file), names, t.train_file) if t.train_file else []
+        self.eval_examples = self.keep_present(read_snli_ve(t.eval_file), names, t.eval_file)
 
     def chance(self) -> dict[str, float]:
         return {"accuracy": 100 / 3}
@@ -76,8 +80,7 @@ class SNLIVETask(ExampleTask):
 
     def collate(self, examples: list[SNLIVEExample], train: bool = True):
         batch = self.tokenize([e.hypothesis for e in examples])
-        batch["images"] = (self.train_images if train else self.eval_images)([self.image_path(e.image)
-                                                                             for e in examples])
+        batch.update(self.images([e.image for e in examples], train))
         batch["labels"] = torch.tensor([e.label for e in examples])
         return batch
 

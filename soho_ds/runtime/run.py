@@ -1,0 +1,165 @@
+"""What every driver (pretraining, each finetune) shares before its model exists: the arguments,
+every input checked before any process group, the output folder's policy, the process group,
+console and TensorBoard, and the seeds.
+
+Order matters: the YAML, the DeepSpeed JSON (through DeepSpeed's own config model), the batch
+arithmetic for the launched world size and the output folder are all checked first, on every
+rank, so a broken input costs seconds, not a model build.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import yaml
+
+from soho_ds.config import ConfigError, ReportedError, RunConfig, load_config
+from soho_ds.runtime import checkpoint
+from soho_ds.runtime.dist import DistInfo, init_distributed
+from soho_ds.runtime.engine import PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config
+from soho_ds.runtime.log import RunLogger, setup_console
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run takes from the restored optimizer and scheduler state, not from the YAML.
+RESTORED_BY_RESUME = ("lr", "cnn_lr_mult", "head_lr_mult", "weight_decay", "betas", "eps", "cnn_optimizer",
+                      "cnn_momentum", "cnn_weight_decay")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every driver shares; DeepSpeed adds --deepspeed_config itself."""
+    parser.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
+                        help="continue from the latest checkpoint in output_dir (an error if there is none); "
+                             "'--resume auto': continue if there is one, else start (for requeued jobs)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in an output_dir that holds a run: its files move to output_dir/previous/")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: the JSON's choice on GPU, bf16 instead of fp16 on CPU")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return deepspeed.add_config_arguments(parser)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    ds: dict  # the DeepSpeed config the engine gets
+    dist: DistInfo
+    logger: RunLogger
+    resume: bool  # load the latest checkpoint of output_dir
+
+
+PREVIOUS_RUN = ("checkpoints", "tensorboard", "train.jsonl", "eval.jsonl")
+
+
+def check_output_dir(cfg: RunConfig, resume: str | None, restart: bool) -> bool:
+    """Applies the output folder's policy; returns whether to resume. Nothing is overwritten unasked:
+    a folder holding checkpoints needs --resume or --restart; --resume needs a checkpoint."""
+    ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
+    latest = checkpoint.latest_tag(ckpt_dir)
+    has_run = latest is not None or any(ckpt_dir.glob("step_*"))
+    if resume and restart:
+        raise ConfigError("--resume and --restart contradict each other")
+    if resume == "yes" and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (is train.output_dir right? '--resume auto' "
+                          "starts a new run when there is none)")
+    if not resume and has_run and not restart:
+        raise ConfigError(f"{cfg.source}: train.output_dir {cfg.train.output_dir} already holds a run "
+                          f"(latest checkpoint: {latest or 'none complete'}); continue it with --resume, or start "
+                          f"over with --restart (its files move to {cfg.train.output_dir}/previous/)")
+    return latest is not None and resume is not None
+
+
+def move_previous_run(output_dir: str) -> Path | None:
+    """Moves an earlier run's checkpoints and logs aside (never deleting them); returns where to."""
+    out = Path(output_dir)
+    present = [out / name for name in PREVIOUS_RUN if (out / name).exists()]
+    if not present:
+        return None
+    dest = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(dest / path.name))
+    return dest
+
+
+def warn_about_restored_settings(cfg: RunConfig, ckpt_dir: Path) -> None:
+    """A resumed run keeps the optimizer's and scheduler's saved learning rates: says so where the YAML
+    now asks for something else. Schedule shape (warm-up, decay, max_steps) follows the YAML."""
+    saved = checkpoint.find_run_config(ckpt_dir)
+    if saved is None:
+        return
+    before = (saved[0].get("train") or {})
+    now = cfg.to_dict()["train"]
+    for key in RESTORED_BY_RESUME:
+        old, new = before.get(key), now[key]
+        if old is not None and (list(old) if isinstance(old, (list, tuple)) else old) != (
+                list(new) if isinstance(new, (list, tuple)) else new):
+            log.warning("train.%s is %r in %s but the checkpoint was trained with %r: the restored optimizer and "
+                        "schedule keep %r (start a new run with --init to change it)", key, new, cfg.source, old, old)
+    for key in ("warmup_steps", "lr_decay", "max_steps"):
+        if before.get(key) is not None and before[key] != now[key]:
+            log.warning("train.%s changed from %r to %r: the learning-rate schedule follows the new value from the "
+                        "next step", key, before[key], now[key])
+
+
+def prepare(args: argparse.Namespace, checkpoint_config: tuple[dict, str] | None = None,
+            check=None, evaluate_only: bool = False) -> Run:
+    """Everything before the model: all inputs checked (before any process group), ranks joined.
+    `check(cfg)` adds a driver's own checks (shards, task files) at the same point. An evaluation
+    writes no checkpoint, so it may run in a folder that holds one."""
+    cfg = load_config(args.config, args.set, checkpoint_config)
+    if not args.deepspeed_config:
+        raise ConfigError("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = resolve_batch(load_ds_config(args.deepspeed_config), world, args.deepspeed_config)
+    validate_ds_config(ds, args.deepspeed_config)
+    if check is not None:
+        check(cfg)
+    resume = (check_output_dir(cfg, args.resume, args.restart) if not evaluate_only
+              else bool(args.resume) and checkpoint.latest_tag(Path(cfg.train.output_dir) / "checkpoints") is not None)
+    dist_info = init_distributed(cfg.train.collective_timeout_s)
+    setup_console(dist_info.rank, dist_info.world_size, dist_info.local_rank)
+    if args.restart and dist_info.is_main and (moved := move_previous_run(cfg.train.output_dir)):
+        log.info("--restart: the earlier run's files are now in %s", moved)
+    if torch.distributed.is_initialized() and dist_info.world_size > 1:
+        torch.distributed.barrier()  # the earlier run is out of the way on every rank's view
+    ds = resolve_precision(ds, dist_info.device.type, args.precision)
+    ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
+    if resume:
+        warn_about_restored_settings(cfg, ckpt_dir)
+        ds = checkpoint.prepare_resume(ckpt_dir, ds, dist_info.world_size, dist_info.rank)
+    elif args.resume == "auto":
+        log.info("--resume auto: no checkpoint in %s, starting a new run", ckpt_dir)
+    logger = RunLogger(f"{cfg.train.output_dir}/tensorboard", dist_info.rank)
+    logger.text("config/run", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
+    logger.text("config/deepspeed", "```\n" + yaml.safe_dump(ds, sort_keys=False) + "\n```")
+    # Same seed on every rank while building the model: buffers such as the VD table are
+    # not broadcast by the engine, so they must start identical.
+    torch.manual_seed(cfg.train.seed)
+    return Run(cfg, ds, dist_info, logger, resume)
+
+
+def seed_rank(cfg: RunConfig, dist_info: DistInfo) -> None:
+    """After the model exists: per-rank streams for augmentation-like randomness (MVM choice, dropout)."""
+    torch.manual_seed(cfg.train.seed + 1 + dist_info.rank)
+
+
+def main(entry, parser: argparse.ArgumentParser, *extra) -> None:
+    """A driver's `__main__`: parses the command line and runs `entry(args, *extra)`; an error that
+    explains itself (ReportedError) ends the process with its message and status 1, no traceback."""
+    args = parser.parse_args()
+    try:
+        entry(args, *extra)
+    except ReportedError as e:
+        logging.getLogger("soho_ds").error("%s", e)
+        raise SystemExit(1) from None

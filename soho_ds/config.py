@@ -405,9 +405,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     return cfg
 
 
-def model_config_from_dict(values: dict, source: str) -> ModelConfig:
-    """A ModelConfig from a saved run config's `model` section, checked like a YAML one."""
+def saved_run_config(tree: dict, source: str) -> RunConfig:
+    """The RunConfig of a trained model from the run config saved with it (a checkpoint's or an
+    export's): every key and type checked as in a YAML, value ranges too, but no path is required to
+    exist (an exported model travels without the files it was trained on) and the weight sources
+    are dropped (the weights are the checkpoint's)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (tree or {}).items()}
+    tree.setdefault("model", {}).update({k: None for k in WEIGHT_SOURCES})
     try:
-        return _build(ModelConfig, values, "model")
+        cfg = _build(RunConfig, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    return dataclasses.replace(cfg, source=source)

@@ -140,3 +140,26 @@ def grounded(tmp_path_factory, world_of_one):
     metrics = pretrain(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
     return {"root": root, "run": run, "checkpoint": run / "checkpoints", "concepts": report, "metrics": metrics,
             "downstream": root / "downstream", "seconds": time.time() - t0}
+
+
+@pytest.fixture(scope="session")
+def grounded_retrieval(grounded, tmp_path_factory):
+    """The retrieval finetune from the grounded pretraining (40 steps, as make demo's but shorter):
+    its final metrics and its run folder."""
+    from launching import finetune_in_process
+
+    out = tmp_path_factory.mktemp("grounded_retrieval")
+    metrics = finetune_in_process("retrieval", "finetune_retrieval_synthetic.yaml", grounded["downstream"], out,
+                                  steps=40, init=grounded["checkpoint"], sets=["train.warmup_steps=4"])
+    return {"metrics": metrics, "run": out / "run", "checkpoint": out / "run" / "checkpoints"}
+
+
+@pytest.fixture(scope="session")
+def grounded_vqa(grounded, tmp_path_factory):
+    """The VQA finetune from the grounded pretraining (configs/finetune_vqa_synthetic.yaml, 60 steps)."""
+    from launching import finetune_in_process
+
+    out = tmp_path_factory.mktemp("grounded_vqa")
+    metrics = finetune_in_process("vqa", "finetune_vqa_synthetic.yaml", grounded["downstream"], out, steps=60,
+                                  init=grounded["checkpoint"], sets=["train.warmup_steps=6"])
+    return {"metrics": metrics, "run": out / "run", "checkpoint": out / "run" / "checkpoints"}

@@ -30,10 +30,8 @@ def test_pretraining_matches_captions_to_held_out_images_well_above_chance(groun
 
 
 @pytest.mark.slow
-def test_retrieval_from_pretraining_beats_chance_and_random_initialisation(grounded, tmp_path):
-    pretrained = finetune_in_process(
-        "retrieval", "finetune_retrieval_synthetic.yaml", grounded["downstream"], tmp_path / "pretrained",
-        steps=FINETUNE_STEPS, init=grounded["checkpoint"], sets=["train.warmup_steps=4"])
+def test_retrieval_from_pretraining_beats_chance_and_random_initialisation(grounded, grounded_retrieval, tmp_path):
+    pretrained = grounded_retrieval["metrics"]
     scratch = finetune_in_process(
         "retrieval", "finetune_retrieval_synthetic.yaml", grounded["downstream"], tmp_path / "scratch",
         steps=FINETUNE_STEPS, sets=["train.warmup_steps=4", *SCRATCH])
@@ -45,3 +43,15 @@ def test_retrieval_from_pretraining_beats_chance_and_random_initialisation(groun
     assert rsum(pretrained) > rsum(chance) + 75, (pretrained, chance)
     assert pretrained["t2i_r10"] > chance["t2i_r10"] + 10 and pretrained["i2t_r10"] > chance["i2t_r10"] + 20
     assert rsum(pretrained) > rsum(scratch) + 60, (pretrained, scratch)
+
+
+@pytest.mark.slow
+def test_vqa_from_pretraining_beats_the_text_only_prior(grounded, grounded_vqa):
+    """A blind model answering each question with its most frequent training answer is the bar: beating
+    it means the image is used."""
+    from soho_ds.tasks.vqa import question_prior_accuracy, read_vqa
+
+    root = grounded["downstream"] / "vqa"
+    prior = question_prior_accuracy(read_vqa(root / "questions_train.json", root / "annotations_train.json"),
+                                    read_vqa(root / "questions_val.json", root / "annotations_val.json"))
+    assert grounded_vqa["metrics"]["vqa_accuracy"] > prior + 5, (grounded_vqa["metrics"], prior)

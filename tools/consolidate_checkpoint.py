@@ -2,7 +2,8 @@
 
     python tools/consolidate_checkpoint.py runs/demo_pretrain/checkpoints out.pt [--tag step_00000150]
 
-Writes out.pt and, beside it, out.yaml: the run config (the model it belongs to), so that
+Writes out.pt and, beside it, out.yaml: the run config (the model it belongs to; and a VQA model's
+out.answer_vocab.json), so that
 `--init out.pt` and `soho_ds.load_model("out.pt")` rebuild the model. Uses DeepSpeed's own
 zero_to_fp32 utility (with its progress bars). For a shareable folder see tools/export.py.
 """
@@ -15,6 +16,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from soho_ds.runtime.checkpoint import RUN_CONFIG, latest_tag
+from soho_ds.tasks.vqa import ANSWER_VOCAB
 
 
 def main() -> None:
@@ -32,6 +34,8 @@ def main() -> None:
     state = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=tag)
     torch.save(state, out)
     shutil.copyfile(Path(a.checkpoint_dir) / tag / RUN_CONFIG, out.with_suffix(".yaml"))
+    if (Path(a.checkpoint_dir) / tag / ANSWER_VOCAB).is_file():  # a VQA model's answers travel with it
+        shutil.copyfile(Path(a.checkpoint_dir) / tag / ANSWER_VOCAB, out.with_name(f"{out.stem}.{ANSWER_VOCAB}"))
     logging.info("wrote %d tensors (%.1fM values) to %s, and its run config to %s", len(state),
                  sum(v.numel() for v in state.values()) / 1e6, out, out.with_suffix(".yaml"))
 

@@ -190,11 +190,14 @@ class VQAModel(FinetuneModel):
 
 
 def read_answer_vocab(checkpoint: str | Path) -> list[str] | None:
-    """The answer vocabulary saved with a VQA checkpoint (folder, tag or export), if there is one."""
+    """The answer vocabulary saved with a VQA checkpoint (folder, tag or export; beside a consolidated
+    X.pt: X.answer_vocab.json), if there is one."""
     path = Path(checkpoint)
-    for folder in (resolve_tag_dir(path), path, path.parent):
-        if (folder / ANSWER_VOCAB).is_file():
-            return json.loads((folder / ANSWER_VOCAB).read_text())
+    candidates = ([path.with_name(f"{path.stem}.{ANSWER_VOCAB}")] if path.is_file()
+                  else [resolve_tag_dir(path) / ANSWER_VOCAB, path / ANSWER_VOCAB])
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
     return None
 
 

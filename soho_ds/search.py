@@ -1,0 +1,120 @@
+"""Text-to-image search over a folder of one's own images with a trained model (tools/retrieve.py).
+
+Each image's visual tokens are computed once and cached on disk, keyed by the file's size and
+mtime and by the model; a query is then scored against the cached tokens by the ITM head. For
+large folders an optional first stage ranks every image by the ITC vectors (one dot product
+each) and the ITM head reranks only the best candidates (ALBEF's scheme).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from soho_ds.inference import SohoPredictor
+from soho_ds.models.soho import VisualTokens
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class Hit:
+    path: str
+    score: float  # P(matched) from the ITM head
+
+
+class ImageIndex:
+    def __init__(self, model: SohoPredictor, folder: str | Path, cache: str | Path | None = None,
+                 model_id: str = ""):
+        self.model, self.folder = model, Path(folder)
+        self.paths = sorted(str(p) for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.cache = Path(cache) if cache else self.folder / ".soho_ds_cache" / "visual_tokens.pt"
+        self.model_id = model_id
+        self.entries: dict[str, dict] = {}
+        self.itc = getattr(model.module, "itc_head", None)
+
+    def _stamp(self, path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+
+    def build(self, progress: bool = True) -> int:
+        """Encodes the images that the cache lacks (or that changed); returns how many were encoded."""
+        from tqdm import tqdm
+
+        if self.cache.is_file():
+            saved = torch.load(self.cache, weights_only=False)
+            if saved.get("model") == self.model_id:
+                self.entries = saved["entries"]
+        todo = [p for p in self.paths if p not in self.entries or self.entries[p]["stamp"] != self._stamp(p)]
+        present = set(self.paths)
+        self.entries = {p: e for p, e in self.entries.items() if p in present}
+        with tqdm(total=len(todo), unit="image", desc="encoding images", disable=not progress or not todo) as bar:
+            for start in range(0, len(todo), self.model.batch_size):
+                chunk = todo[start:start + self.model.batch_size]
+                visual = self.model.encode_images(chunk)
+                itc = self.itc.embed_image(visual.tokens, visual.valid) if self.itc is not None else None
+                for i, p in enumerate(chunk):
+                    keep = visual.valid[i]
+                    self.entries[p] = {"stamp": self._stamp(p), "tokens": visual.tokens[i][keep].cpu(),
+                                       "position": visual.position[i][keep].cpu(),
+                                       "itc": None if itc is None else itc[i].cpu()}
+                bar.update(len(chunk))
+        if todo:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache.with_suffix(".tmp")
+            torch.save({"model": self.model_id, "entries": self.entries}, tmp)
+            os.replace(tmp, self.cache)
+        return len(todo)
+
+    def _visual(self, paths: list[str]) -> VisualTokens:
+        """Cached tokens of `paths`, padded to one length; padding is invalid, as in a batch of images."""
+        entries = [self.entries[p] for p in paths]
+        n = max(e["tokens"].shape[0] for e in entries)
+        H = entries[0]["tokens"].shape[1]
+        tokens = torch.zeros(len(entries), n, H)
+        position = torch.zeros(len(entries), n, H)
+        valid = torch.zeros(len(entries), n, dtype=torch.bool)
+        for i, e in enumerate(entries):
+            k = e["tokens"].shape[0]
+            tokens[i, :k], position[i, :k], valid[i, :k] = e["tokens"], e["position"], True
+        device = self.model.device
+        return VisualTokens(None, tokens.to(device), None, valid.to(device), position.to(device), (1, n))
+
+    @torch.no_grad()
+    def itm_scores(self, query: str, paths: list[str]) -> torch.Tensor:
+        text = self.model.tokenize([query])
+        head, out = self.model.module.itm_head, []
+        for start in range(0, len(paths), self.model.batch_size * 4):
+            chunk = paths[start:start + self.model.batch_size * 4]
+            visual = self._visual(chunk)
+            ids = text["input_ids"].expand(len(chunk), -1)
+            mask = text["attention_mask"].expand(len(chunk), -1)
+            _, pooled = self.model.soho.fuse(ids, mask, visual)
+            out.append(head(pooled).float().softmax(-1)[:, 1].cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def itc_scores(self, query: str) -> torch.Tensor:
+        if self.itc is None:
+            raise ValueError("this model has no ITC projections (pretrain.itc_weight was 0): no first stage; "
+                             "rank with the ITM head alone")
+        text = self.model.tokenize([query])
+        vector = self.itc.embed_text(self.model.soho.encode_text(text["input_ids"], text["attention_mask"]))[0]
+        return torch.stack([self.entries[p]["itc"] for p in self.paths]) @ vector.cpu()
+
+    def search(self, query: str, top: int = 10, first_stage: int | None = None) -> list[Hit]:
+        """The `top` images for `query`, by P(matched); with `first_stage` K, only the K best by ITC are scored."""
+        candidates = self.paths
+        if first_stage:
+            order = self.itc_scores(query).argsort(descending=True, stable=True)[:first_stage]
+            candidates = [self.paths[i] for i in order.tolist()]
+        scores = self.itm_scores(query, candidates)
+        order = scores.argsort(descending=True, stable=True)[:top].tolist()
+        return [Hit(candidates[i], float(scores[i])) for i in order]

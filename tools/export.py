@@ -1,0 +1,30 @@
+"""Export a trained model to a self-contained folder that `soho_ds.load_model` reads and that can be shared.
+
+    python tools/export.py runs/vqa/checkpoints exported/soho-vqa [--overwrite]
+
+The folder holds run_config.yaml (the model), model.safetensors (every weight, the task head
+included; ZeRO shards consolidated with DeepSpeed's own zero_to_fp32), the tokenizer files and,
+for VQA, answer_vocab.json. Nothing in it refers back to the training machine.
+"""
+import argparse
+import logging
+
+from soho_ds.inference import export
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder (its latest tag), one tag, or a consolidated .pt")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(a.checkpoint, a.out, a.overwrite)
+    except FileExistsError as e:
+        raise SystemExit(str(e)) from None
+    logging.info("exported %s -> %s (%s)", a.checkpoint, out, ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+if __name__ == "__main__":
+    main()

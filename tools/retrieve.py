@@ -1,0 +1,44 @@
+"""Search your own images with a trained model: the top images for a text query, with scores.
+
+    python tools/retrieve.py --model runs/demo_retrieval/checkpoints --images ~/photos "a dog on a beach"
+    python tools/retrieve.py --model exported/soho --images ~/photos --first-stage 100 "query one" "query two"
+
+Visual tokens are computed once per image and cached (default: IMAGES/.soho_ds_cache/), so later
+queries only run the fusion transformer. --first-stage K ranks every image by the ITC vectors first
+and lets the ITM head rerank the K best (needs a model trained with pretrain.itc_weight > 0).
+"""
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import soho_ds
+from soho_ds.search import ImageIndex
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder, consolidated .pt or export folder")
+    p.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+    p.add_argument("--cache", help="where the visual tokens are kept (default: IMAGES/.soho_ds_cache/)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--first-stage", type=int, help="rerank only the K best images by ITC")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("queries", nargs="+")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    model = soho_ds.load_model(a.model, a.device)
+    model_id = f"{Path(a.model).resolve()}:{Path(a.model).stat().st_mtime_ns}"
+    index = ImageIndex(model, a.images, a.cache, model_id)
+    encoded = index.build()
+    print(f"{len(index.paths)} images ({encoded} encoded now, the rest from the cache {index.cache})")
+    for query in a.queries:
+        t0 = time.perf_counter()
+        hits = index.search(query, a.top, a.first_stage)
+        print(f"\n{query!r} ({1000 * (time.perf_counter() - t0):.0f} ms)")
+        for rank, hit in enumerate(hits, 1):
+            print(f"  {rank}. {hit.score:.3f}  {hit.path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -179,14 +179,14 @@ class SohoModel(nn.Module):
         return self.fusion.encode_text(input_ids, attention_mask)
 
     @torch.no_grad()
-    def commit(self, ok: torch.Tensor | None = None) -> None:
+    def commit(self, ok: torch.Tensor | None = None) -> torch.Tensor | None:
         """Keeps the statistics the last training `encode_image` changed (VD EMA, BatchNorm running
         statistics) where the device flag `ok` holds, together with that step's input check; restores
-        them otherwise. Called with the loss's finiteness at the end of each training forward."""
+        them otherwise. Returns the flag that decided (None when nothing was staged)."""
         if self.visual.vd is not None:
             self.visual.vd.commit(ok)
         if self._staged is None:
-            return
+            return None
         saved, inputs_ok = self._staged
         self._staged = None
         keep = inputs_ok if ok is None else inputs_ok & ok
@@ -194,6 +194,14 @@ class SohoModel(nn.Module):
             # .data: autograd saved BatchNorm's running statistics as inputs of this step's graph; they
             # play no part in its training-mode backward, so changing them is safe, but must not be seen
             buffer.data.copy_(torch.where(keep, buffer, before))
+        return keep
+
+    def settle(self, loss: torch.Tensor) -> torch.Tensor:
+        """Ends a training forward: the statistics stay only if the step is good (finite inputs and
+        loss); a step with non-finite inputs returns a NaN loss, so that its gradients are NaN too and
+        the optimizer skips it (a NaN pixel need not reach the loss by itself)."""
+        keep = self.commit(torch.isfinite(loss))
+        return loss if keep is None else loss * torch.where(keep, 1.0, float("nan")).to(loss.dtype)
 
 
 def count_parameters(module: nn.Module) -> str:

@@ -89,8 +89,7 @@ class SohoPretrainer(nn.Module):
             semantic_total, semantic_out = self.semantic_heads(visual.features, batch, self.model.stride)
             out.update(semantic_out)
             total = total + semantic_total
-        out["loss"] = total
-        self.model.commit(torch.isfinite(total))  # a non-finite step leaves the VD and BatchNorm as they were
+        out["loss"] = self.model.settle(total)  # a non-finite step leaves the VD and BatchNorm as they were
         if self.mvm_head is not None:
             out["vd/usage"] = self.model.visual_dictionary.usage.clone()  # this step's, after the commit
             out["vd/restarts"] = self.model.visual_dictionary.restarts.float()

@@ -48,17 +48,34 @@ class Task(Protocol):
 FAULT_ENV = "SOHO_DS_FAULT"
 
 
+def _fault(rank: int, step: int) -> list[str] | None:
+    """The parts of SOHO_DS_FAULT="R:N[-M]:KIND[:launcher]" when it targets this rank at this step."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    first, _, last = parts[1].partition("-")
+    return parts if int(parts[0]) == rank and int(first) <= step <= int(last or first) else None
+
+
 def inject_fault(rank: int, step: int) -> None:
     """Fault injection for resilience tests, at a deterministic point: SOHO_DS_FAULT="R:N:SIGNAL[:launcher]"
     makes global rank R send SIGNAL (KILL, STOP, TERM, ...) to itself, or to its launcher, right after
     step N."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if int(parts[0]) == rank and int(parts[1]) == step:
+    parts = _fault(rank, step)
+    if parts and parts[2].upper() != "NAN":
         target = os.getppid() if parts[3:] == ["launcher"] else os.getpid()
         os.kill(target, getattr(signal, f"SIG{parts[2].upper().removeprefix('SIG')}"))
+
+
+def poison_batch(batch: dict[str, torch.Tensor], rank: int, step: int) -> dict[str, torch.Tensor]:
+    """SOHO_DS_FAULT="R:N[-M]:NAN": rank R's images of steps N..M get one NaN pixel, as a corrupt
+    input would (the tests of non-finite steps)."""
+    if _fault(rank, step) and _fault(rank, step)[2].upper() == "NAN":
+        images = batch["images"].clone()
+        images.view(-1)[0] = float("nan")
+        batch = {**batch, "images": images}
+    return batch
 
 
 class TrainingStopped(ReportedError, RuntimeError):
@@ -73,6 +90,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
     return {k: v.to(device, dtype=dtype if v.is_floating_point() and k not in FP32_INPUTS else v.dtype,
                     non_blocking=True)
             for k, v in batch.items()}
+
+
+def resident_memory_gib() -> float:
+    """This process's resident memory (Linux /proc; 0 where there is none)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -158,7 +186,8 @@ class Trainer:
     def _log_step(self, step: int, running: dict, micro_steps: int, images: int, elapsed: float, t_start: float,
                   start: int, skipped: int) -> dict[str, float]:
         engine, t = self.engine, self.cfg.train
-        values = mean_over_ranks({k: v / micro_steps for k, v in running.items()})
+        memory = torch.tensor(resident_memory_gib(), device=self.dist.device)
+        values = mean_over_ranks({**{k: v / micro_steps for k, v in running.items()}, "perf/rss_gib": memory})
         img_per_s = images * self.dist.world_size / elapsed
         grad_norm = engine.get_global_grad_norm()
         values.update({"train/lr": engine.get_lr()[0], "perf/img_per_s": img_per_s,
@@ -182,7 +211,8 @@ class Trainer:
         self._t_fit = time.time()
         batches = self.task.train_batches()
         running: dict[str, torch.Tensor] = {}
-        micro_steps = images = 0
+        pending: dict[str, torch.Tensor] = {}  # this optimizer step's micro-steps, until it is known not skipped
+        micro_steps = pending_micro = images = 0
         t_start = t_last = time.time()
         skipped_before, in_a_row = engine.skipped_steps, 0
         self.logger.info("training from step %d to %d; world size %d, micro-batch %d x accumulation %d = global "
@@ -196,18 +226,19 @@ class Trainer:
         stop = _StopFlag(self.dist.device)
         try:
             while step < t.max_steps:
-                batch = to_device(next(batches), self.dist.device, self.dtype)
+                batch = poison_batch(to_device(next(batches), self.dist.device, self.dtype), self.dist.rank, step + 1)
                 out = engine(batch)
                 engine.backward(out["loss"])
                 engine.step()
                 for k, v in out.items():  # summed on-device: no host sync per step
-                    running[k] = running.get(k, 0) + v.detach().float()
-                micro_steps += 1
+                    pending[k] = pending.get(k, 0) + v.detach().float()
+                pending_micro += 1
                 images += self.task.images_per_batch
                 if engine.global_steps == step:  # inside a gradient-accumulation cycle
                     continue
                 step = engine.global_steps
                 if engine.skipped_steps > skipped_before:  # DeepSpeed found non-finite gradients and skipped
+                    pending, pending_micro = {}, 0  # a skipped step's numbers would poison the averages
                     skipped_before, in_a_row = engine.skipped_steps, in_a_row + 1
                     self.logger.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in all); "
                                         "VD and BatchNorm statistics left as they were", step, in_a_row,
@@ -221,7 +252,11 @@ class Trainer:
                             "(tools/index_shards.py) or lower train.lr, then --resume")
                 else:
                     in_a_row = 0
-                if step % t.log_every == 0 or step == start + 1 or step == t.max_steps:
+                for k, v in pending.items():
+                    running[k] = running.get(k, 0) + v
+                micro_steps += pending_micro
+                pending, pending_micro = {}, 0
+                if micro_steps and (step % t.log_every == 0 or step == start + 1 or step == t.max_steps):
                     now = time.time()
                     values = self._log_step(step, running, micro_steps, images, now - t_last, t_start, start,
                                             engine.skipped_steps)

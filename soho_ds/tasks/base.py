@@ -83,9 +83,8 @@ class FinetuneModel(nn.Module):
         return pooled
 
     def finish(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Ends a training forward: the VD and BatchNorm statistics stay only if the loss is finite."""
-        self.model.commit(torch.isfinite(out["loss"]))
-        return out
+        """Ends a training forward: the VD and BatchNorm statistics stay only if the step is good."""
+        return {**out, "loss": self.model.settle(out["loss"])}
 
     def load_pretrained(self, path: str, same_task: bool = False) -> None:
         """Loads a checkpoint (a DeepSpeed checkpoint folder, one of its tags, a consolidated .pt, or an

@@ -1,0 +1,317 @@
+"""Every bad input named before a long run starts, no silent data loss, no poisoned checkpoint: one
+fault injected at a time, and what was counted, logged and kept checked."""
+import argparse
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from launching import ENV, TINY, TINY_MODEL, finetune_in_process
+from soho_ds.config import ConfigError
+from soho_ds.data.pipeline import ImageSpec, SampleDecodeError, ShardLoader
+from soho_ds.data.shards import ShardError, index_shards, read_record
+from soho_ds.runtime.checkpoint import CheckpointError
+from soho_ds.runtime.trainer import TrainingStopped
+from soho_ds.synthetic.shards import write_split
+
+SPEC = ImageSpec(mode="aspect", shorter_side=64, longer_side=96)
+DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 10.0,
+      "zero_optimization": {"stage": 2}}
+
+
+class Messages(logging.Handler):
+    """What soho_ds logged (its loggers are children of "soho_ds")."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __contains__(self, text):
+        return any(text in line for line in self.lines)
+
+
+@pytest.fixture
+def messages():
+    handler = Messages()
+    logging.getLogger("soho_ds").addHandler(handler)
+    yield handler
+    logging.getLogger("soho_ds").removeHandler(handler)
+
+
+def pretrain(tmp_path, shards, steps, sets=(), flags=(), monkeypatch=None, fault=None):
+    """`launch/pretrain.py`'s entry in this process (a world of one) with the tiny model."""
+    from soho_ds.pretrain.run import pretrain as run
+    from soho_ds.runtime.run import add_run_arguments
+
+    if monkeypatch is not None:
+        if fault:
+            monkeypatch.setenv("SOHO_DS_FAULT", fault)
+        else:
+            monkeypatch.delenv("SOHO_DS_FAULT", raising=False)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(DS))
+    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml"), "--precision",
+            "fp32", *flags]
+    for s in TINY + [f"data.train_shards={shards}", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
+                     f"train.max_steps={steps}", "train.eval_every=0", *sets]:
+        argv += ["--set", s]
+    return run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
+
+
+def rows(run_dir):
+    return {r["step"]: r for r in map(json.loads, (run_dir / "train.jsonl").read_text().splitlines())}
+
+
+def jpeg(w=80, h=64, colour=(200, 40, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png(w=64, h=80):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, samples):
+    """samples: key -> {ext: bytes}."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def good(key, **image):
+    return {"jpg": jpeg(**image), "json": json.dumps({"key": key, "captions": [f"a photo {key}"]}).encode()}
+
+
+def shards(folder, n_tars=2, per_tar=8, seed=0):
+    """Synthetic shards (checked and indexed, with a manifest) of n_tars x per_tar good samples."""
+    write_split(folder, n_tars * per_tar, per_tar, 64, seed, "s", 0, non_square=0.3)
+    return folder
+
+
+def test_the_checker_reports_every_bad_shard_and_sample_and_indexes_the_rest(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "000000.tar", {f"a{i}": good(f"a{i}") for i in range(4)})
+    garbled = bytearray(jpeg(200, 160))
+    garbled[300:-300] = bytes(np.random.default_rng(0).integers(0, 256, len(garbled) - 600, dtype=np.uint8))
+    write_tar(data / "000001.tar", {"b0": good("b0"), "b1": {**good("b1"), "jpg": bytes(garbled)},
+                                    "b2": {**good("b2"), "jpg": png()},  # PNG bytes in a .jpg member
+                                    "b3": {**good("b3"), "jpg": jpeg()[:200]},
+                                    "b4": {**good("b4"), "json": b'{"captions": ["", "  "]}'}})
+    write_tar(data / "000002.tar", {f"c{i}": good(f"c{i}") for i in range(8)})
+    full = (data / "000002.tar").read_bytes()
+    with tarfile.open(data / "000002.tar") as tar:  # cut between two members: no end-of-archive
+        cut = next(m for m in tar.getmembers() if m.name == "c5.jpg").offset
+    (data / "000002.tar").write_bytes(full[:cut])
+    (data / "000003.tar").write_bytes(b"")
+    (data / "000004.tar").write_bytes(b"not a tar at all" * 100)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/index_shards.py"), str(data), "--workers", "2",
+                           "--report", str(tmp_path / "report.json")], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # some shards could not be indexed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kept"] == 4 + 2 + 5 and report["skipped"] == 3
+    assert set(report["bad_shards"]) == {str(data / "000003.tar"), str(data / "000004.tar")}
+    skipped = {s["key"]: s["reason"] for s in read_record(data / "000001.tar")["skipped"]}
+    assert set(skipped) == {"b1", "b3", "b4"} and "does not decode" in skipped["b1"]  # b2, a PNG, is kept
+    cut_record = read_record(data / "000002.tar")
+    assert cut_record["truncated"] and cut_record["kept"] == 5
+    assert "cut short" in proc.stderr and "not indexed" in proc.stderr and "b1" in proc.stderr
+    assert "images/s" in proc.stderr and not list(data.glob("*.tmp"))
+    with pytest.raises(ShardError, match=r"(?s)2 of 5 shards cannot be trusted:.*000003\.tar: not a readable tar.*"
+                                         r"Fix: python tools/index_shards\.py"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+
+
+def test_the_loader_refuses_a_partly_indexed_a_stale_or_a_short_set(tmp_path):
+    data = shards(tmp_path / "data", n_tars=2)
+    ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)  # as written: trusted
+    write_tar(data / "000002.tar", {"new0": good("new0")})  # one new tar, not indexed
+    with pytest.raises(ShardError, match=r"000002\.tar: no index"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    (data / "000002.tar").unlink()
+    raw = (data / "000001.tar").read_bytes()
+    (data / "000001.tar").write_bytes(raw)  # rewritten after indexing: new mtime
+    with pytest.raises(ShardError, match=r"000001\.tar: the tar changed after it was indexed \(stale index\)"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    with tarfile.open(data / "000001.tar") as tar:  # cut short and indexed again: fewer than the manifest says
+        cut = tar.getmembers()[-4].offset
+    (data / "000001.tar").write_bytes(raw[:cut])
+    index_shards(str(data))
+    with pytest.raises(ShardError, match=r"000001\.tar: 7 samples, the manifest records 8"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+
+
+def test_an_error_in_a_later_shard_names_that_shard_and_the_key(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "000000.tar", {f"a{i}": good(f"a{i}") for i in range(4)})
+    write_tar(data / "000001.tar", {"b0": good("b0"), "b1": {**good("b1"), "json": b'{"captions": []}'}})
+    loader = ShardLoader(str(data), 3, SPEC, train=False, num_threads=1)  # not indexed: nothing was checked
+    with pytest.raises(ValueError, match=r"000001\.tar:\d+:b1: JSON member has no non-empty 'captions'"):
+        list(loader.epochs())
+
+
+def test_a_nan_input_is_a_skipped_counted_step_that_leaves_no_trace(tmp_path, world_of_one, messages, monkeypatch):
+    data = shards(tmp_path / "data")
+    pretrain(tmp_path, data, 6, monkeypatch=monkeypatch, fault="0:3:NAN")
+    log = rows(tmp_path / "run")
+    # the skipped step has no line of its own (nothing to average); later lines count it
+    assert {s: log[s]["train/skipped_steps"] for s in log} == {1: 0, 2: 0, 4: 1, 5: 1, 6: 1}
+    assert all(np.isfinite(log[s]["loss"]) for s in log)
+    assert "step 3 skipped: non-finite loss or gradients (1 in a row, 1 in all)" in messages
+    from soho_ds.runtime.checkpoint import load_weights
+
+    state = load_weights(tmp_path / "run/checkpoints")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(tmp_path, world_of_one,
+                                                                                 monkeypatch, messages):
+    data = shards(tmp_path / "data")
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row had non-finite loss or gradients .* stopping at "
+                                              r"step 5. The last good checkpoint is step_00000004"):
+        pretrain(tmp_path, data, 20, ["train.save_every=2", "train.max_skipped_steps=3"], monkeypatch=monkeypatch,
+                 fault="0:3-99:NAN")
+    # the step-4 checkpoint holds the step-2 weights and optimizer state: the skipped steps changed nothing
+    digests = [line.split(": ", 1)[1] for line in messages.lines if line.startswith("state digest @ step")]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000004"
+
+
+def test_checkpoints_with_non_finite_values_are_never_written_nor_loaded(tmp_path, world_of_one, monkeypatch):
+    from soho_ds.runtime import checkpoint
+    from soho_ds.runtime.engine import build_engine
+    from soho_ds.config import TrainConfig
+
+    data = shards(tmp_path / "data")
+    pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+    ckpt = tmp_path / "run/checkpoints"
+    # --resume refuses a checkpoint whose weights hold a NaN
+    states = ckpt / "step_00000002" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)
+    name = next(k for k in saved["module"] if "fusion" in k and k.endswith("weight"))
+    saved["module"][name].view(-1)[0] = float("nan")
+    torch.save(saved, states)
+    with pytest.raises(CheckpointError, match=rf"{name}.*resume from an earlier tag"):
+        pretrain(tmp_path, data, 4, flags=["--resume"], monkeypatch=monkeypatch)
+    # --init refuses one too (a consolidated file with a NaN)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    state["model.visual.vd.embed"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "bad.pt")
+    shutil.copy(ckpt / "step_00000002" / "run_config.yaml", tmp_path / "bad.yaml")
+    from soho_ds.tasks.retrieval import RetrievalModel
+    from soho_ds.config import saved_run_config
+    import yaml
+
+    model = RetrievalModel(saved_run_config(yaml.safe_load((tmp_path / "bad.yaml").read_text()), "bad.yaml"))
+    with pytest.raises(ValueError, match=r"bad\.pt: 1 tensors hold NaN or infinite values \(visual\.vd\.embed\)"):
+        model.load_pretrained(str(tmp_path / "bad.pt"))
+    # and save refuses to write one
+    net = torch.nn.Linear(2, 2)
+    engine = build_engine(net, TrainConfig(lr=0.1, warmup_steps=0, max_steps=5),
+                          {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
+    with torch.no_grad():
+        engine.module.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not saving step 7: non-finite weights or buffers \(weight\)"):
+        checkpoint.save(engine, tmp_path / "never", 7, {}, {})
+    assert not (tmp_path / "never" / "latest").exists()
+
+
+def test_nothing_is_overwritten_without_being_asked(tmp_path, world_of_one, messages, monkeypatch):
+    data = shards(tmp_path / "data")
+    pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+    with pytest.raises(ConfigError, match=r"already holds a run \(latest checkpoint: step_00000002\); continue it "
+                                          r"with --resume, or start over with --restart"):
+        pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+    with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .*elsewhere/run/checkpoints"):
+        pretrain(tmp_path / "elsewhere", data, 2, flags=["--resume"], monkeypatch=monkeypatch)
+    pretrain(tmp_path / "auto", data, 1, flags=["--resume", "auto"], monkeypatch=monkeypatch)  # nothing yet: starts
+    assert "--resume auto: no checkpoint" in messages
+    # a resumed run whose YAML changed the learning rate says that the restored state keeps the old one
+    pretrain(tmp_path, data, 3, ["train.lr=1e-4"], flags=["--resume"], monkeypatch=monkeypatch)
+    assert "train.lr is 0.0001 in" in messages and "the restored optimizer and schedule keep 0.002" in messages
+    # --restart: the old run's files move aside, the new run's checkpoint is the final one
+    pretrain(tmp_path, data, 2, flags=["--restart"], monkeypatch=monkeypatch)
+    previous = list((tmp_path / "run/previous").iterdir())
+    assert len(previous) == 1 and (previous[0] / "checkpoints/step_00000003").is_dir()
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000002"
+    assert sorted(rows(tmp_path / "run")) == [1, 2]  # a fresh log, not appended to the old one
+
+
+def test_a_decode_failure_at_run_time_names_shard_and_key_and_reindex_then_resume_recovers(tmp_path, world_of_one,
+                                                                                          messages, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "000000.tar", {f"a{i:02d}": good(f"a{i:02d}", colour=(i * 9, 50, 90)) for i in range(16)})
+    garbled = bytearray(jpeg(200, 160))
+    garbled[300:-300] = bytes(np.random.default_rng(1).integers(0, 256, len(garbled) - 600, dtype=np.uint8))
+    write_tar(data / "000001.tar", {"b00": {**good("b00"), "jpg": bytes(garbled)},
+                                    **{f"b{i:02d}": good(f"b{i:02d}") for i in range(1, 8)}})
+    sets = ["train.save_every=2", "data.shuffle_buffer=1", "data.group_by_orientation=false"]
+    with pytest.raises(SampleDecodeError, match=r"(?s)000001\.tar:b00 \(does not decode.*Fix: python "
+                                                r"tools/index_shards\.py .*--resume"):
+        pretrain(tmp_path, data, 12, sets, monkeypatch=monkeypatch)
+    last_good = (tmp_path / "run/checkpoints/latest").read_text()
+    assert last_good in ("step_00000002", "step_00000004")
+    index_shards(str(data))  # the documented way out
+    pretrain(tmp_path, data, 12, sets, flags=["--resume"], monkeypatch=monkeypatch)
+    assert "the shards changed since this checkpoint" in messages
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000012"
+
+
+def test_finetune_images_that_do_not_exist_are_refused_before_training_or_skipped_and_counted(
+        downstream, tmp_path, world_of_one, messages):
+    copy = tmp_path / "downstream"
+    shutil.copytree(downstream, copy)
+    for name in ("1000.jpg", "1001.jpg", "1002.jpg"):
+        (copy / "images" / name).unlink()
+    sets = TINY_MODEL + ["data.shorter_side=64", "data.longer_side=96", "train.warmup_steps=0"]
+    with pytest.raises(Exception, match=r"3 image files it names are missing under .*images \(first: 1000\.jpg, "
+                                        r"1001\.jpg, 1002\.jpg\).*task\.missing_images: skip"):
+        finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", copy, tmp_path / "refused", steps=2, sets=sets)
+    assert not (tmp_path / "refused" / "run" / "checkpoints").exists()  # nothing built, nothing trained
+    finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", copy, tmp_path / "skipped", steps=2,
+                        sets=sets + ["task.missing_images=skip"])
+    assert "left out 9 of 480 examples whose images are missing (3 files" in messages
+
+
+def test_inputs_are_refused_before_any_model_is_built(tmp_path, world_of_one, messages, monkeypatch):
+    data = shards(tmp_path / "data")
+    ds = tmp_path / "broken.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "2"}))
+    from soho_ds.pretrain.run import pretrain as run
+    from soho_ds.runtime.run import add_run_arguments
+
+    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml")]
+    with pytest.raises(ConfigError, match=r"broken\.json: train_micro_batch_size_per_gpu must be a positive integer"):
+        run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv + ["--set", f"data.train_shards={data}"]))
+    with pytest.raises(ConfigError, match=r"data\.train_shards: shard path does not exist: /nonexistent"):
+        pretrain(tmp_path, "/nonexistent", 2, monkeypatch=monkeypatch)
+    assert "model:" not in " ".join(messages.lines)  # refused before any model was built
+    # --init from a checkpoint trained without pool_last, into a YAML that asks for it
+    pretrain(tmp_path, data, 1, monkeypatch=monkeypatch)
+    with pytest.raises(ConfigError, match=r"model\.pool_last is True but the checkpoint was trained with False"):
+        finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", tmp_path / "nowhere", tmp_path / "ft", 2,
+                            sets=["model.pool_last=true"], init=tmp_path / "run/checkpoints")

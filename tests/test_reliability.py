@@ -306,7 +306,8 @@ def test_inputs_are_refused_before_any_model_is_built(tmp_path, world_of_one, me
 
     argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml")]
     with pytest.raises(ConfigError, match=r"broken\.json: train_micro_batch_size_per_gpu must be a positive integer"):
-        run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv + ["--set", f"data.train_shards={data}"]))
+        sets = [f"data.train_shards={data}"] + TINY_MODEL  # the demo's stand-in weights may not exist yet
+        run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv + [a for s in sets for a in ("--set", s)]))
     with pytest.raises(ConfigError, match=r"data\.train_shards: shard path does not exist: /nonexistent"):
         pretrain(tmp_path, "/nonexistent", 2, monkeypatch=monkeypatch)
     assert "model:" not in " ".join(messages.lines)  # refused before any model was built

@@ -171,7 +171,6 @@ def _tar_members(tar: Path) -> tuple[list[list[tuple]], bool]:
     for line in lines:
         f = line.split()
         samples.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
-    size = tar.stat().st_size
     last_end = max((off + sz for s in samples for _, off, sz, _ in s), default=0)
     data_end = -(-last_end // 512) * 512  # data is padded to a whole block
     with open(tar, "rb") as f:

@@ -2,6 +2,8 @@
 every grid cell drawn over it (cells that share an entry share a colour)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -34,10 +36,13 @@ def draw_vd_picture(image: torch.Tensor, size: list[int], vd_index: torch.Tensor
             for c in range(min(gw, -(-w // stride_x))):
                 draw.text((c * stride_x + 2, r * stride_y + 1), str(int(vd_index[r * gw + c])), fill=(255, 255, 255))
         panels.append(mixed)
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), h + 18), (255, 255, 255))
+    width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
+    lines = textwrap.wrap(caption, max(8, width // 6))[:3]
+    canvas = Image.new("RGB", (width, h + 4 + 13 * len(lines)), (255, 255, 255))
     x = 0
     for p in panels:
         canvas.paste(p, (x, 0))
         x += p.width + 4
-    ImageDraw.Draw(canvas).text((2, h + 3), caption[: canvas.width // 6], fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        ImageDraw.Draw(canvas).text((2, h + 3 + 13 * i), line, fill=(0, 0, 0))
     return np.asarray(canvas)

@@ -64,7 +64,11 @@ bench: $(STAMP)
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_vd.py
 	$(PY) tools/bench_train.py
+	$(PY) tools/bench_ddp.py
 	$(PY) tools/bench_inference.py
+	@# search over one's own images needs a trained model: the demo's
+	if [ -d runs/demo_retrieval/checkpoints ]; then $(PY) tools/bench_retrieval.py; \
+	else echo "bench_retrieval: skipped, run make demo first (it needs the demo's retrieval model)"; fi
 
 # The GPU acceptance run (at most 8 minutes on one CUDA machine); a tiny mode on a CPU.
 gpu-check: $(STAMP)

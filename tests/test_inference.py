@@ -1,6 +1,5 @@
 """A trained model from Python (soho_ds.load_model), exported folders, and search over one's own images:
 each reproduces what the finetune drivers measured, without DeepSpeed."""
-import json
 import subprocess
 import sys
 

@@ -5,7 +5,7 @@
 Both sides read the same WebDataset shards (synthetic photos-sized JPEGs written here unless
 --shards is given), decode, random-resized-crop (area 0.5-1, aspect 3/4-4/3), flip, resize to
 --image-size, normalise to float CHW, and deliver batches. DALI runs on the CPU here and uses
-the mixed (nvJPEG) decoder when CUDA is present. Target (issue 7): DALI >= the DataLoader.
+the mixed (nvJPEG) decoder when CUDA is present. Target: DALI >= the DataLoader.
 Writes benchmarks/bench_data.{json,md}.
 """
 import argparse

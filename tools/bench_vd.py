@@ -5,7 +5,7 @@
 
 For each K in --sizes the full model (plain PyTorch loop: forward, backward, AdamW step; AMP
 on a GPU) and the VD alone (train mode, features of the grid's shape) are timed in the same
-process. Target (issue 7): VD <= 5% of the step at K = 2048. Writes benchmarks/bench_vd.{json,md}.
+process. Target: VD <= 5% of the step at K = 2048. Writes benchmarks/bench_vd.{json,md}.
 """
 import argparse
 

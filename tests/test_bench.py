@@ -1,5 +1,6 @@
 """The benchmark tools run end to end and report what they measured (no speed is asserted here)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def test_bench_train_runs_both_loops_on_the_same_model(tmp_path):
     assert rows[0]["loop"].endswith(", AdamW") and rows[1]["loop"].endswith(", fused AdamW")
     assert rows[2]["loop"].startswith("DeepSpeed ZeRO-2") and rows[2]["loop"].endswith(", fused AdamW")
     assert rows[0]["GFLOP/image"] == rows[1]["GFLOP/image"] == rows[2]["GFLOP/image"] > 0  # same model and batch
-    assert all(r["images/s"] > 0 and r["peak memory GiB"] > 0 and 0 < r["MFU %"] < 100 for r in rows)
+    assert all(r["images/s"] > 0 and r["peak memory GiB"] > 0 for r in rows)
+    # MFU where the CPU reports its clock, and then a fraction of a peak that is not undercounted
+    assert all(math.isnan(r["MFU %"]) or 0 < r["MFU %"] < 100 for r in rows)
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ demo: $(DATA)/manifest.json $(BACKBONE)
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -42,7 +42,7 @@ def test_load_model_reproduces_the_retrieval_drivers_recall(grounded, grounded_r
     # pairs: the i-th image with the i-th caption, the matrix's probabilities up to the CNN's border
     # effect (these batches pad the images differently; test_grounding measures that effect)
     pairs = model.itm([images[int(i)] for i in text_image[:8]], texts[:8])
-    assert (pairs - scores[text_image[:8], torch.arange(8)]).abs().max() < 0.03
+    assert (pairs - scores[text_image[:8], torch.arange(8)]).abs().max() < 0.06  # test_grounding's bound
 
 
 @pytest.mark.slow

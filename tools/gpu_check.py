@@ -165,12 +165,13 @@ def main() -> None:
         rows += train_rows(shards, s, ["fp16", "bf16"] if on_gpu else ["bf16", "fp32"])
     small = ["--backbone", s["backbone"], "--layers", str(s["layers"])]
     rows.append(run_tool(["tools/bench_train.py", *small, "--image-size", str(s["square"]), "--batch", str(s["batch"]),
-                          "--iters", "2" if tiny else "5", "--options",
+                          "--iters", "1" if tiny else "5", "--options",
                           "channels_last_params,channels_last_params_after,channels_last_inputs,compile_cnn"], out))
     rows.append(run_tool(["tools/bench_data.py", "--image-size", str(s["square"]), "--batch", str(s["batch"]),
                           "--batches", "3" if tiny else "15", "--threads", "2" if tiny else "8"], out))
     rows.append(run_tool(["tools/bench_inference.py", *small, "--height", str(s["shorter"]), "--width",
-                          str(s["longer"]), "--throughput-batch", str(s["batch"] if tiny else 64), "--iters", "2"], out))
+                          str(s["longer"]), "--throughput-batch", str(s["batch"] if tiny else 64), "--iters",
+                          "1" if tiny else "3"], out))
     md = write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
                       ["check", "result", "detail"], rows,
                       [f"{'tiny mode: ' if tiny else ''}{s['backbone']} + {s['layers']}-layer BERT-base, batch {s['batch']}, "

@@ -110,12 +110,15 @@ def train_rows(shards: str, s: dict, precisions: list[str]) -> list[dict]:
                     out = engine(to_device(batch, engine.device, compute_dtype(engine)))
                     engine.backward(out["loss"])
                     engine.step()
-                    losses.append(out["loss"].item())
-                    if i == 0:
-                        t0 = time.perf_counter()  # after the first (compiling, allocating) step
+                    losses.append(out["loss"].detach().float())  # read after the timed loop: no per-step sync
+                    if i == 0:  # time from the end of the first (compiling, allocating) step
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 ips = s["steps"] * s["batch"] / (time.perf_counter() - t0)
+                losses = torch.stack(losses).cpu().tolist()
                 scale = getattr(engine.optimizer, "loss_scale", 1.0)
                 rows.append({"check": f"ZeRO-2 {precision}, {s['backbone']} + {s['layers']}-layer BERT, {name}, "
                                       f"batch {s['batch']}",

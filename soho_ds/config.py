@@ -65,6 +65,9 @@ class ModelConfig:
     vd_init_from_data: bool = True  # entries start as features of the first batch
     vd_restart_below: float = 0.01  # re-seed entries used less than this fraction of the average; 0: never
     use_vd: bool = True
+    # the backbone's BatchNorm: batch (per-rank statistics, SOHO's), sync (over all ranks), frozen
+    # (statistics and affine fixed); the neck's is synchronised whenever there are several ranks
+    backbone_norm: str = "batch"
 
     @property
     def stride(self) -> int:
@@ -73,7 +76,9 @@ class ModelConfig:
 
 
 # What a finetune may change about a pretrained model; every other model key is the checkpoint's.
-FINETUNE_MODEL_KEYS = ("use_vd", "dropout", "grad_checkpointing", "freeze_stem", "vd_momentum", "vd_restart_below")
+FINETUNE_MODEL_KEYS = ("use_vd", "dropout", "grad_checkpointing", "freeze_stem", "vd_momentum", "vd_restart_below",
+                       "backbone_norm")
+BACKBONE_NORMS = ("batch", "sync", "frozen")
 WEIGHT_SOURCES = ("backbone_weights", "bert_dir")  # replaced by --init's weights
 IMAGE_MODES = ("aspect", "square")
 POOLINGS = ("cls", "mean")
@@ -153,6 +158,8 @@ class TrainConfig:
     seed: int = 42
     collective_timeout_s: float = 600.0  # a rank that dies or hangs fails the others after this long
     max_skipped_steps: int = 20  # consecutive steps with non-finite inputs or loss before the run stops
+    # fp16: the dynamic loss scale never rises above this (SOHO's apex setting: 128); 0: DeepSpeed's own rule
+    max_loss_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,8 @@ def _validate(cfg: RunConfig) -> None:
         (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.pooling in POOLINGS, "model.pooling", f"must be one of {POOLINGS}, got {m.pooling!r}"),
+        (m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm",
+         f"must be one of {BACKBONE_NORMS}, got {m.backbone_norm!r}"),
         (d.image_mode in IMAGE_MODES, "data.image_mode", f"must be one of {IMAGE_MODES}, got {d.image_mode!r}"),
         (d.image_mode != "square" or d.image_size % m.stride == 0, "data.image_size",
          f"must be a multiple of {m.stride}, the CNN stride{' with model.pool_last' if m.pool_last else ''}"),
@@ -324,6 +333,7 @@ def _validate(cfg: RunConfig) -> None:
          "must be non-negative"),
         (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1"),
+        (t.max_loss_scale == 0 or t.max_loss_scale >= 1, "train.max_loss_scale", "must be 0 (no cap) or at least 1"),
         (cfg.task.missing_images in ("error", "skip"), "task.missing_images", "must be error or skip"),
         (cfg.task.eval_folds >= 1, "task.eval_folds", "must be at least 1"),
     ]

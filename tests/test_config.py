@@ -156,13 +156,16 @@ def test_global_batch_is_the_configured_one_at_every_world_size():
 def test_precision_resolution():
     fp16 = {"fp16": {"enabled": True}}
     gpu = resolve_precision(fp16, "cuda")
-    assert gpu["fp16"]["enabled"] and not gpu["bf16"]["enabled"] and gpu["data_types"]["buffer_dtype"] == "fp16"
+    # buffers are never cast (BatchNorm statistics and the VD stay fp32)
+    assert gpu["fp16"]["enabled"] and not gpu["bf16"]["enabled"] and "data_types" not in gpu
     cpu = resolve_precision(fp16, "cpu")
     assert not cpu["fp16"]["enabled"]  # never fp16 on the CPU: bf16 or fp32 by the CPU's instructions
-    forced = resolve_precision(fp16, "cpu", "bf16")
-    assert forced["bf16"]["enabled"] and forced["data_types"]["buffer_dtype"] == "bf16"
-    fp32 = resolve_precision(fp16, "cuda", "fp32")
-    assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"] and "buffer_dtype" not in fp32["data_types"]
+    bf16 = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    forced = resolve_precision(bf16, "cpu", "bf16")
+    assert forced["bf16"]["enabled"] and forced["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = resolve_precision(bf16, "cuda", "fp32")
+    # fp32 gradient accumulation belongs to bf16 parameters: DeepSpeed refuses it beside fp32 ones
+    assert not fp32["fp16"]["enabled"] and not fp32["bf16"]["enabled"] and fp32["data_types"] == {}
 
 
 def _engine_lrs(cfg: TrainConfig, steps: int) -> list[float]:

@@ -195,11 +195,12 @@ def test_contrastive_loss_against_a_hand_computed_case():
     from soho_ds.models.losses import contrastive_loss
 
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # text 0 describes image 1, text 1 describes image 0
-    loss, acc = contrastive_loss(image, text, torch.tensor([1, 0]), temperature=0.5)
-    # logits = text @ image.T / 0.5: text 0 -> [0, 2, 1.6], text 1 -> [2, 0, 1.2]
+    # the text of image 0, of image 1, and a placeholder for image 2, which has none
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    loss, acc = contrastive_loss(image, text, torch.tensor([True, True, False]), temperature=0.5)
+    # logits = text @ image.T / 0.5: image 0's text -> [2, 0, 1.2], image 1's -> [0, 2, 1.6]
     t2i = (-(2 - math.log(1 + math.exp(2) + math.exp(1.6))) - (2 - math.log(math.exp(2) + 1 + math.exp(1.2)))) / 2
-    # image -> text over the two texts: image 1 -> [2, 0] (target 0), image 0 -> [0, 2] (target 1)
+    # image -> text over the two real texts: image 0 -> [2, 0] (target 0), image 1 -> [0, 2] (target 1)
     i2t = -(2 - math.log(math.exp(2) + 1))
     assert loss.item() == pytest.approx((t2i + i2t) / 2, rel=1e-6)
     assert acc.item() == 1.0
@@ -210,4 +211,5 @@ def test_itc_takes_one_matched_caption_per_image_and_skips_images_without_one():
 
     image_index = torch.tensor([0, 0, 1, 1, 2, 2])
     matched = torch.tensor([False, True, True, True, False, False])
-    assert first_matched_caption(image_index, matched, 3).tolist() == [1, 2]
+    first, has_text = first_matched_caption(image_index, matched, 3)
+    assert first.tolist() == [1, 2, 0] and has_text.tolist() == [True, True, False]

@@ -89,13 +89,33 @@ def test_vd_initialises_from_data_and_restarts_dead_entries():
     torch.manual_seed(0)
     vd = VisualDictionary(num_entries=4, dim=2, momentum=0.5, restart_below=0.2).train()
     vd(x)
-    # Feed one cluster only: the other entries decay below 0.2 of the mean count and are
-    # re-seeded from the current features (each forward commits the step before it).
+    # Feed one cluster only: the other entries decay below 0.2 of the mean count; the trainer's
+    # interval upkeep (maintain) re-seeds them from the latest features, never a training step.
     for _ in range(6):
         vd(x[:2])
-    vd.commit()
-    assert vd.restarts.item() > 0
+        vd.commit()
+    dead = int((vd.ema_count < 0.2 * vd.ema_count.mean()).sum())
+    assert dead > 0 and vd.restarts.item() == 0
+    assert vd.maintain() == dead and vd.restarts.item() == dead
     assert all(any(torch.allclose(e, row, atol=0.11) for row in x[:2]) for e in vd.embed)
+    assert vd.maintain() == 0  # nothing dead any more
+
+
+def test_a_bad_first_batch_defers_the_data_initialisation_to_the_next_good_one():
+    x = torch.tensor([[5.0, 5.0], [5.0, 5.1], [-5.0, 0.0], [0.0, -5.0]])
+    vd = VisualDictionary(num_entries=4, dim=2, momentum=0.99).train()
+    before = vd.embed.clone()
+    vd(x * float("nan"))
+    vd.commit()
+    assert not bool(vd.initialised) and torch.equal(vd.embed, before)
+    vd(x)  # the host believes it initialised: only maintain() reads the flag back
+    vd.commit()
+    assert not bool(vd.initialised)
+    vd.maintain()
+    vd(x)
+    vd.commit()
+    assert bool(vd.initialised)
+    assert all(any(torch.allclose(e, row, atol=0.1) for row in x) for e in vd.embed)
 
 
 def _vd_worker(rank, world, port, batches, kwargs, out):
@@ -108,6 +128,7 @@ def _vd_worker(rank, world, port, batches, kwargs, out):
         x = step_batches[rank] * (float("nan") if bad else 1.0)
         vd(x)
         vd.commit()
+        vd.maintain()  # the trainer's logging interval, here every step
     out[rank] = {k: v.clone() for k, v in vd.state_dict().items()}
     dist.destroy_process_group()
 
@@ -144,7 +165,7 @@ def test_vd_ranks_stay_identical_with_data_init_and_restarts():
     rank0, rank1 = _run_two_ranks(steps, kwargs)
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
-    assert bool(rank0["initialised"])
+    assert bool(rank0["initialised"]) and rank0["restarts"].item() > 0
 
 
 def test_padding_cells_leave_no_trace_in_the_vd_statistics():

@@ -77,5 +77,9 @@ class PretrainTextBuilder:
         # matched captions lets ITM "solve" itself from the text); a mismatched caption's words are
         # not predicted from the wrong image: no MLM loss there.
         mlm_labels[itm_labels == 0] = IGNORE
+        # The masked positions, listed here on the host so the model gathers them without a device sync;
+        # none (all captions negatives) lists position 0, whose label is IGNORE.
+        positions = (mlm_labels.flatten() != IGNORE).nonzero().flatten()
         return {"input_ids": input_ids, "attention_mask": enc["attention_mask"], "mlm_labels": mlm_labels,
-                "itm_labels": itm_labels, "image_index": image_index}
+                "itm_labels": itm_labels, "image_index": image_index,
+                "mlm_positions": positions if len(positions) else torch.zeros(1, dtype=torch.long)}

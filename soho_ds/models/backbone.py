@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soho_ds.config import BACKBONES
+from soho_ds.models.norm import BACKBONE_NORMS, BatchNorm2d, FrozenBatchNorm2d
 from soho_ds.models.weights import load_checked
 
 
@@ -14,15 +15,19 @@ class ResNetBackbone(nn.Module):
     """ResNet stem + four stages; returns (B, C, H/32, W/32), or H/64 with `pool_last`.
 
     SOHO freezes the stem and first stage (their BatchNorm statistics too) and, in its public
-    code, max-pools the last stage 2x2 to halve the number of visual tokens.
+    code, max-pools the last stage 2x2 to halve the number of visual tokens. `norm` "frozen" fixes
+    every BatchNorm of the trunk; "batch" and "sync" train them (sync: see models.norm).
     """
 
     def __init__(self, *, name: str = "resnet101", weights_path: str | None = None, freeze_stem: bool = True,
-                 pool_last: bool = True, grad_checkpointing: bool = False):
+                 pool_last: bool = True, grad_checkpointing: bool = False, norm: str = "batch"):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"backbone {name!r} is not one of {BACKBONES}")
-        net = getattr(torchvision.models, name)(weights=None)
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone norm {norm!r} is not one of {BACKBONE_NORMS}")
+        norm_layer = FrozenBatchNorm2d if norm == "frozen" else BatchNorm2d
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         self.out_channels = net.fc.in_features
         net.fc = nn.Identity()  # the trunk only: any classifier in the file (ImageNet's 1000 classes) is skipped
         if weights_path:
@@ -37,6 +42,10 @@ class ResNetBackbone(nn.Module):
         if freeze_stem:
             for p in [*self.stem.parameters(), *self.layer1.parameters()]:
                 p.requires_grad_(False)
+
+    def trainable_stages(self) -> list[nn.Module]:
+        return [self.layer2, self.layer3, self.layer4] if self.freeze_stem else [
+            self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
 
     def train(self, mode: bool = True):
         super().train(mode)

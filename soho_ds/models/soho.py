@@ -24,6 +24,7 @@ from torch import nn
 from soho_ds.config import ModelConfig
 from soho_ds.models.backbone import ResNetBackbone
 from soho_ds.models.fusion import CrossModalEncoder
+from soho_ds.models.norm import BatchNorm2d
 from soho_ds.models.visual_dictionary import VisualDictionary
 
 
@@ -69,7 +70,7 @@ class VisualEmbedding(nn.Module):
     def __init__(self, in_channels: int, cfg: ModelConfig):
         super().__init__()
         hidden = cfg.hidden_size
-        self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden))
+        self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), BatchNorm2d(hidden))
         self.vd = VisualDictionary(cfg.vd_size, hidden, cfg.vd_momentum, init_from_data=cfg.vd_init_from_data,
                                    restart_below=cfg.vd_restart_below) if cfg.use_vd else None
         self.gate = nn.Linear(2 * hidden, 2) if cfg.use_vd else None
@@ -102,10 +103,12 @@ class SohoModel(nn.Module):
         self.cfg = cfg
         self.backbone = ResNetBackbone(name=cfg.backbone, weights_path=cfg.backbone_weights,
                                        freeze_stem=cfg.freeze_stem, pool_last=cfg.pool_last,
-                                       grad_checkpointing=cfg.grad_checkpointing)
+                                       grad_checkpointing=cfg.grad_checkpointing, norm=cfg.backbone_norm)
         self.fusion = CrossModalEncoder(cfg)
         self.visual = VisualEmbedding(self.backbone.out_channels, cfg)
         self._staged: tuple[list, torch.Tensor] | None = None  # BatchNorm statistics before this step
+        # training forwards whose statistics were held back (non-finite inputs or loss), on the device
+        self.register_buffer("held_back", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def hidden_size(self) -> int:
@@ -190,6 +193,7 @@ class SohoModel(nn.Module):
         saved, inputs_ok = self._staged
         self._staged = None
         keep = inputs_ok if ok is None else inputs_ok & ok
+        self.held_back += (~keep).long()
         for buffer, before in saved:
             # .data: autograd saved BatchNorm's running statistics as inputs of this step's graph; they
             # play no part in its training-mode backward, so changing them is safe, but must not be seen

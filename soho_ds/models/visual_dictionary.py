@@ -8,15 +8,17 @@ so every rank applies the identical update and keeps an identical dictionary.
 
 Only valid grid cells count: cells that lie in an image's padding carry weight 0 in the
 counts, the sums and the candidates for re-seeding. The update is two-phase: `forward`
-computes this step's statistics, `commit(ok)` applies them only where `ok` (a device flag:
-finite inputs and loss) holds, so one bad batch never reaches the dictionary and no host
-sync is needed to decide.
+computes this rank's statistics, `commit(ok)` all-reduces them (one collective: sums, counts
+and every rank's "bad step" flag together) and applies them only where `ok` (a device flag:
+finite inputs and loss) holds on every rank, so one bad batch never reaches the dictionary.
+Nothing in a training step reads a device value on the host.
 
 Departures from the public code, against codebook collapse (all features choosing one
 entry, seen here within 10 steps from a random init): the entries are initialised from
-real features of the first batch, and entries whose usage falls below `restart_below` of
-the average are re-seeded from current features. Both draw candidates on every rank and
-all-gather them, so all ranks pick the same ones.
+real features of the first training batch, gathered from all ranks (once), and `maintain()`,
+which the trainer calls at its logging interval, re-seeds entries whose usage fell below
+`restart_below` of the average from features each rank keeps from its latest batch,
+all-gathered so that every rank picks the same ones.
 """
 from __future__ import annotations
 
@@ -31,20 +33,29 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _draw(x: torch.Tensor, weight: torch.Tensor | None, n: int) -> torch.Tensor:
+    """n rows of x (M, C) drawn with replacement from the valid ones (this rank's own RNG); no host sync."""
+    if weight is None:
+        pick = torch.randint(x.shape[0], (n,), device=x.device)
+    else:  # an all-invalid batch draws uniformly (those rows are then never used: see callers)
+        pick = torch.multinomial(weight + (weight.sum() == 0).float(), n, replacement=True)
+    return x[pick]
+
+
+def _all_gather(local: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, rank 0's first; identical on every rank."""
+    if not _distributed():
+        return local
+    world = dist.get_world_size()
+    gathered = torch.empty(world * local.shape[0], *local.shape[1:], device=local.device, dtype=local.dtype)
+    dist.all_gather_into_tensor(gathered, local.contiguous())
+    return gathered
+
+
 def _gather_candidates(x: torch.Tensor, weight: torch.Tensor | None, n: int) -> torch.Tensor:
     """n feature rows drawn from the valid features of all ranks; identical on every rank. x (M, C)."""
     world = dist.get_world_size() if _distributed() else 1
-    per_rank = math.ceil(n / world)
-    if weight is None:
-        pick = torch.randint(x.shape[0], (per_rank,), device=x.device)  # this rank's own RNG
-    else:
-        pick = torch.multinomial(weight, per_rank, replacement=True)
-    local = x[pick].contiguous()
-    if world == 1:
-        return local[:n]
-    gathered = torch.empty(world * per_rank, x.shape[1], device=x.device, dtype=x.dtype)
-    dist.all_gather_single(gathered, local)
-    return gathered[:n]
+    return _all_gather(_draw(x, weight, math.ceil(n / world)))[:n]
 
 
 class VisualDictionary(nn.Module):
@@ -53,10 +64,10 @@ class VisualDictionary(nn.Module):
     _keep_in_fp32_modules_strict = ["embed", "ema_count", "ema_sum"]
 
     def __init__(self, num_entries: int = 2048, dim: int = 768, momentum: float = 0.99, eps: float = 1e-5,
-                 init_from_data: bool = True, restart_below: float = 0.01):
+                 init_from_data: bool = True, restart_below: float = 0.01, reservoir: int = 64):
         super().__init__()
         self.num_entries, self.dim, self.momentum, self.eps = num_entries, dim, momentum, eps
-        self.restart_below = restart_below
+        self.restart_below, self.reservoir_size = restart_below, reservoir
         embed = torch.randn(num_entries, dim)
         self.register_buffer("embed", embed)  # (K, C) entries e_k
         # EMA statistics start as "one feature equal to the entry", so e = m / n equals the
@@ -66,7 +77,16 @@ class VisualDictionary(nn.Module):
         self.register_buffer("initialised", torch.tensor(not init_from_data))
         self.register_buffer("usage", torch.zeros(()), persistent=False)  # fraction used in the last update
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # entries re-seeded so far
-        self._pending: tuple | None = None  # this step's statistics, until commit()
+        # Host-side state, so that no step reads a buffer: whether the data initialisation is still to
+        # do (confirmed against the buffer by maintain()), this step's statistics until commit(), and
+        # this rank's latest valid features (candidates for re-seeding).
+        self._initialise = init_from_data
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._recent: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_host_state())
+
+    def _sync_host_state(self) -> None:
+        self._initialise = not bool(self.initialised)  # a host read: at load or at maintain(), never in a step
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,36 +96,45 @@ class VisualDictionary(nn.Module):
         return dist2.argmin(1)
 
     @torch.no_grad()
-    def _reseed(self, entries: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                count: torch.Tensor) -> None:
-        """Entries (bool mask) restart at real features, weighted as `count` features."""
-        n = int(entries.sum())
-        candidates = _gather_candidates(x, weight, n)
-        self.embed[entries] = candidates
-        self.ema_count[entries] = count
-        self.ema_sum[entries] = candidates * count
+    def _initialise_from(self, x: torch.Tensor, weight: torch.Tensor | None, inputs_ok: torch.Tensor) -> None:
+        """Every entry becomes a valid feature drawn from all ranks' batches, weighted as its share of the
+        valid cells; only if every rank's batch is finite (the flag travels with the candidates)."""
+        K, C = self.embed.shape
+        world = dist.get_world_size() if _distributed() else 1
+        per_rank = math.ceil(K / world)
+        n_valid = torch.tensor(float(x.shape[0]), device=x.device) if weight is None else weight.sum()
+        local = torch.cat([_draw(x, weight, per_rank),
+                           torch.stack([n_valid, inputs_ok.float()]).expand(per_rank, 2)], dim=1)
+        gathered = _all_gather(local)  # (world * per_rank, C + 2), identical on every rank
+        candidates = gathered[:K, :C]
+        flags = gathered.view(world, per_rank, C + 2)[:, 0, C:]  # (world, 2): valid cells, finite
+        ok = flags[:, 1].min() > 0
+        count = (flags[:, 0].sum() / K).clamp(min=1.0)
+        self.embed.copy_(torch.where(ok, candidates, self.embed))
+        self.ema_count.copy_(torch.where(ok, count.expand(K), self.ema_count))
+        self.ema_sum.copy_(torch.where(ok, candidates * count, self.ema_sum))
+        self.initialised.copy_(self.initialised | ok)
 
     @torch.no_grad()
     def statistics(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """Per-entry feature sums and counts (K, C+1) over all ranks: x (M, C), index (M,), weight (M,) or None."""
+        """This rank's per-entry feature sums and counts (K, C+1): x (M, C), index (M,), weight (M,) or None."""
         K, C = self.embed.shape
         stats = torch.zeros(K, C + 1, device=x.device, dtype=torch.float32)
         w = torch.ones_like(index, dtype=torch.float32) if weight is None else weight
         stats[:, :C].index_add_(0, index, x * w[:, None])  # s_k: sum of the valid features assigned to k
         stats[:, C].index_add_(0, index, w)  # c_k
-        if _distributed():
-            dist.all_reduce(stats)  # one collective for sums and counts together
         return stats
 
     @torch.no_grad()
-    def update(self, stats: torch.Tensor, ok: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None) -> None:
-        """EMA update from all-reduced `stats`, applied only where the device flag `ok` holds."""
+    def update(self, stats: torch.Tensor, ok: torch.Tensor) -> None:
+        """EMA update from this rank's `stats`, summed over all ranks together with the flag `ok` in one
+        collective, applied only where `ok` holds on every rank (so they stay identical)."""
         K, C = self.embed.shape
-        ok = ok & torch.isfinite(stats).all()
-        if _distributed():  # one rank's bad batch stops the update on all of them, so they stay identical
-            flag = ok.float()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = flag > 0
+        packed = torch.cat([stats.flatten(), (~ok).float().reshape(1)])
+        if _distributed():
+            dist.all_reduce(packed)  # sums, counts and the number of ranks with a bad step
+        stats = packed[:-1].view(K, C + 1)
+        ok = (packed[-1] == 0) & torch.isfinite(stats).all()
         sums, counts = stats[:, :C], stats[:, C]
         g = self.momentum
         count = torch.where(ok, self.ema_count * g + counts * (1 - g), self.ema_count)
@@ -118,28 +147,38 @@ class VisualDictionary(nn.Module):
         # entry decays towards the origin and then captures stray features.
         self.embed.copy_(torch.where(used[:, None], self.ema_sum / smoothed[:, None], self.embed))
         self.usage.copy_(torch.where(ok, (counts > 0).float().mean(), self.usage))
-        if self.restart_below > 0:
-            dead = (self.ema_count < self.restart_below * total / K) & ok  # identical on every rank
-            if dead.any():
-                self._reseed(dead, x, weight, total / K)
-                self.restarts += int(dead.sum())
-
-    @staticmethod
-    def _all_ranks(flag: torch.Tensor) -> bool:
-        """True where `flag` holds on every rank (a host decision all ranks take alike)."""
-        if _distributed():
-            flag = flag.float()
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag > 0)
 
     @torch.no_grad()
     def commit(self, ok: torch.Tensor | None = None) -> None:
         """Applies the statistics of the last training forward where `ok` (a bool tensor) holds."""
         if self._pending is None:
             return
-        stats, inputs_ok, x, weight = self._pending
+        stats, inputs_ok = self._pending
         self._pending = None
-        self.update(stats, inputs_ok if ok is None else inputs_ok & ok, x, weight)
+        self.update(stats, inputs_ok if ok is None else inputs_ok & ok)
+
+    @torch.no_grad()
+    def maintain(self) -> int:
+        """Host-side upkeep at the trainer's logging interval, on every rank at the same step: confirms the
+        data initialisation and re-seeds dead entries. Reads device values (a sync), so never per step.
+        Returns the number of entries re-seeded."""
+        self._sync_host_state()
+        if self.restart_below <= 0 or self._recent is None or self._initialise:
+            return 0
+        K = self.num_entries
+        total = self.ema_count.sum()
+        dead = self.ema_count < self.restart_below * total / K  # identical on every rank
+        n = int(dead.sum())
+        if n == 0:
+            return 0
+        candidates = _all_gather(self._recent)  # identical on every rank
+        entries = dead.nonzero().flatten()[:candidates.shape[0]]
+        count = total / K
+        self.embed[entries] = candidates[:len(entries)]
+        self.ema_count[entries] = count
+        self.ema_sum[entries] = candidates[:len(entries)] * count
+        self.restarts += len(entries)
+        return len(entries)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., C), valid (...) bool or None (all valid) -> (straight-through quantised x, entry index (...)).
@@ -149,20 +188,18 @@ class VisualDictionary(nn.Module):
         """
         flat = x.detach().reshape(-1, self.dim).float()
         weight = None if valid is None else valid.reshape(-1).float()
+        safe = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)  # padding may hold anything
         if self.training:
             self.commit()
             inputs_ok = torch.isfinite(flat if weight is None else torch.where(weight[:, None] > 0, flat, 0.0)).all()
-            if not self.initialised and self._all_ranks(inputs_ok):  # once, at the first good batch
-                n_valid = torch.tensor(float(flat.shape[0] if weight is None else weight.sum()), device=x.device)
-                if _distributed():  # ranks see different numbers of valid cells; the entries' weight must agree
-                    dist.all_reduce(n_valid)
-                self._reseed(torch.ones(self.num_entries, dtype=torch.bool, device=x.device), flat, weight,
-                             (n_valid / self.num_entries).clamp(min=1.0))
-                self.initialised.fill_(True)
-        safe = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)  # padding may hold anything
+            if self._initialise:  # at the first training batch; maintain() re-arms it if that one was bad
+                self._initialise_from(safe, weight, inputs_ok)
+                self._initialise = False
+            if self.restart_below > 0:
+                self._recent = _draw(safe, weight, self.reservoir_size)
         index = self.assign(safe)
         quantised = self.embed[index].view_as(x).to(x.dtype)
         if self.training:
-            self._pending = (self.statistics(safe, index, weight), inputs_ok, safe, weight)
+            self._pending = (self.statistics(safe, index, weight), inputs_ok)
         # Straight-through: forward value is the entry, gradient flows to x unchanged.
         return x + (quantised - x).detach(), index.view(x.shape[:-1])

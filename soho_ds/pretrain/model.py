@@ -14,7 +14,7 @@ from soho_ds.models.heads import ContrastiveHead, ITMHead, MLMHead, MVMHead
 from soho_ds.models.losses import classification_loss, contrastive_loss
 from soho_ds.models.semantic import SemanticVisualHeads
 from soho_ds.models.soho import SohoModel
-from soho_ds.pretrain.objectives import gather_masked, sample_mvm_mask
+from soho_ds.pretrain.objectives import sample_mvm_mask
 
 
 class SohoPretrainer(nn.Module):
@@ -53,37 +53,33 @@ class SohoPretrainer(nn.Module):
         out: dict[str, torch.Tensor] = {}
         out["loss/itm"], out["acc/itm"] = classification_loss(self.itm_head(pooled), batch["itm_labels"])
 
-        labels = batch["mlm_labels"]
-        hidden, any_masked = gather_masked(sequence[:, :L], labels != IGNORE)
-        mlm_logits = self.mlm_head(hidden)
-        if any_masked:
-            out["loss/mlm"], out["acc/mlm"] = classification_loss(mlm_logits, labels[labels != IGNORE])
-        else:
-            out["loss/mlm"], out["acc/mlm"] = mlm_logits.sum() * 0.0, mlm_logits.new_zeros(())
+        # MLM on the masked positions, which the text builder lists on the host (no device-side
+        # boolean indexing); without the list every position is scored, padding as IGNORE.
+        labels = batch["mlm_labels"].reshape(-1)
+        positions = batch.get("mlm_positions")
+        if positions is None:
+            positions = torch.arange(labels.numel(), device=labels.device)
+        hidden = sequence[:, :L].reshape(-1, sequence.shape[-1]).index_select(0, positions)
+        out["loss/mlm"], out["acc/mlm"] = classification_loss(self.mlm_head(hidden), labels.index_select(0, positions))
 
         total = cfg.itm_weight * out["loss/itm"] + cfg.mlm_weight * out["loss/mlm"]
         if self.mvm_head is not None:
-            # MVM is scored on matched pairs only: the caption of another image cannot help.
-            pair_mask = mvm_mask & matched[:, None]  # (T, N)
-            hidden, any_masked = gather_masked(sequence[:, L:], pair_mask)
-            mvm_logits = self.mvm_head(hidden, self.model.visual_dictionary.embed)
-            if any_masked:
-                targets = visual.vd_index.index_select(0, image_index)[pair_mask]
-                out["loss/mvm"], out["acc/mvm"] = classification_loss(mvm_logits, targets)
-            else:
-                out["loss/mvm"], out["acc/mvm"] = mvm_logits.sum() * 0.0, mvm_logits.new_zeros(())
+            # Every visual token is scored (a fixed shape: which ones are masked is known only on the
+            # device); only masked tokens of matched pairs count: another image's caption cannot help.
+            scored = mvm_mask & matched[:, None]  # (T, N)
+            targets = torch.where(scored, visual.vd_index.index_select(0, image_index), IGNORE)
+            visual_hidden = sequence[:, L:].reshape(-1, sequence.shape[-1])
+            mvm_logits = self.mvm_head(visual_hidden, self.model.visual_dictionary.embed)
+            out["loss/mvm"], out["acc/mvm"] = classification_loss(mvm_logits, targets.reshape(-1))
             total = total + cfg.mvm_weight * out["loss/mvm"]
             out["vd/masked_frac"] = mvm_mask.sum() / visual.valid.index_select(0, image_index).sum()
         if self.itc_head is not None:
             # negatives: the other images of this rank's micro-batch (no cross-rank gather); the text is
             # the caption as the fused pass sees it, MLM masks included (no second tokenisation)
-            text_index = first_matched_caption(image_index, matched, len(visual.tokens))
-            empty = len(text_index) == 0  # no matched caption at all: the head still runs, at weight 0
-            text_index = text_index if not empty else text_index.new_zeros(1)
+            text_index, has_text = first_matched_caption(image_index, matched, len(visual.tokens))
             text_cls = self.model.encode_text(input_ids[text_index], batch["attention_mask"][text_index])
             image_emb, text_emb = self.itc_head(visual.tokens, visual.valid, text_cls)
-            loss, acc = contrastive_loss(image_emb, text_emb, image_index[text_index], cfg.itc_temperature)
-            out["loss/itc"], out["acc/itc"] = (loss * 0.0, acc * 0.0) if empty else (loss, acc)
+            out["loss/itc"], out["acc/itc"] = contrastive_loss(image_emb, text_emb, has_text, cfg.itc_temperature)
             total = total + cfg.itc_weight * out["loss/itc"]
         if self.semantic_heads is not None and "region_boxes" in batch:
             semantic_total, semantic_out = self.semantic_heads(visual.features, batch, self.model.stride)
@@ -96,12 +92,15 @@ class SohoPretrainer(nn.Module):
         return out
 
 
-def first_matched_caption(image_index: torch.Tensor, matched: torch.Tensor, num_images: int) -> torch.Tensor:
-    """Indices of one matched caption per image (the first), for images that have one: ITC needs
-    exactly one positive text per image, and a caption of another image (an ITM negative) is none."""
+def first_matched_caption(image_index: torch.Tensor, matched: torch.Tensor, num_images: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_images,) the position of each image's first matched caption, and whether it has one (where
+    not, position 0 stands in). ITC needs exactly one positive text per image, and a caption of
+    another image (an ITM negative) is none. Fixed shapes: no host sync."""
     T = image_index.shape[0]
     order = torch.arange(T, device=image_index.device)
     # the smallest caption position per image among matched captions (T where there is none)
     first = torch.full((num_images,), T, dtype=torch.long, device=image_index.device)
     first = first.scatter_reduce(0, image_index, torch.where(matched, order, T), reduce="amin")
-    return first[first < T]
+    has_text = first < T
+    return torch.where(has_text, first, 0), has_text

@@ -19,12 +19,3 @@ def sample_mvm_mask(vd_index: torch.Tensor, valid: torch.Tensor | None, prob: fl
     cell = torch.multinomial(valid.float(), 1, generator=generator)  # (U, 1), uniform over valid cells
     word = vd_index.gather(1, cell)  # (U, 1) index of the picked cell
     return (vd_index == word) & valid & chosen[:, None]
-
-
-def gather_masked(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Rows of hidden (..., H) where mask is set. With none, returns the first row and False so the
-    head still runs (every parameter gets a gradient, which ZeRO's reduction expects)."""
-    flat, flat_mask = hidden.reshape(-1, hidden.shape[-1]), mask.reshape(-1)
-    if flat_mask.any():
-        return flat[flat_mask], True
-    return flat[:1], False

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from soho_ds.models.soho import count_parameters
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.pretrain.task import PretrainTask, check_shards
@@ -21,12 +19,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
     run = prepare(args, check=check_shards)
     cfg, dist_info = run.cfg, run.dist
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
-    if dist_info.device.type == "cuda" and dist_info.world_size > 1:
-        # Before deepspeed.initialize, which casts the module to the compute dtype.
-        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     log.info("model: %s parameters, %s backbone, %d-layer transformer, K=%d", count_parameters(module),
              cfg.model.backbone, cfg.model.num_layers, cfg.model.vd_size)
-    engine = build_engine(module, cfg.train, run.ds)
+    engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)
     seed_rank(cfg, dist_info)
     task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):

@@ -102,8 +102,8 @@ def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto"
 
     "auto" keeps the file's choice on a GPU. On the CPU, fp16 is never fast: it becomes bf16
     where the CPU has bf16 instructions and fp32 where it has not; a bf16 file on such a CPU
-    becomes fp32 too. BatchNorm needs its buffers in the compute dtype
-    (`data_types.buffer_dtype`); the VD keeps its own in fp32 (see VisualDictionary).
+    becomes fp32 too. DeepSpeed casts parameters only: buffers (BatchNorm statistics, the VD) stay
+    fp32, and the model's BatchNorm computes its statistics in fp32 (models.norm).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -123,11 +123,8 @@ def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto"
             precision = chosen
     ds.setdefault("fp16", {})["enabled"] = precision == "fp16"
     ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    data_types = ds.setdefault("data_types", {})
-    if precision in ("fp16", "bf16"):
-        data_types["buffer_dtype"] = precision
-    else:
-        data_types.pop("buffer_dtype", None)
+    if precision != "bf16" and (ds.get("data_types") or {}).get("grad_accum_dtype"):
+        ds["data_types"] = {k: v for k, v in ds["data_types"].items() if k != "grad_accum_dtype"}  # bf16's only
     return ds
 
 
@@ -211,10 +208,16 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # transformers' names
 
 
-def build_engine(module: nn.Module, cfg: TrainConfig, ds_config: dict):
-    """Wraps `module` in a DeepSpeed engine (ZeRO as configured); returns the engine."""
+def build_engine(module: nn.Module, cfg: TrainConfig, ds_config: dict, backbone_norm: str = "batch"):
+    """Wraps `module` in a DeepSpeed engine (ZeRO as configured); returns the engine. Before that, the
+    BatchNorms are synchronised for the world size (every driver alike: models.norm)."""
+    import torch.distributed as dist
     from transformers import get_scheduler
 
+    from soho_ds.models.norm import synchronise_norms
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    module = synchronise_norms(module, backbone_norm, world)
     optimizer = build_optimizer(module, cfg)
     scheduler = get_scheduler(SCHEDULES[cfg.lr_decay], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
@@ -223,6 +226,14 @@ def build_engine(module: nn.Module, cfg: TrainConfig, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
+
+
+def cap_loss_scale(engine, cap: float) -> None:
+    """Holds DeepSpeed's dynamic fp16 loss scale at or below `cap` (0: no cap); DeepSpeed has no such
+    setting (SOHO caps at 128). A host-side value: no sync."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if cap and scaler is not None and getattr(scaler, "dynamic", False) and scaler.cur_scale > cap:
+        scaler.cur_scale = float(cap)
 
 
 def compute_dtype(engine) -> torch.dtype:

@@ -4,18 +4,26 @@ A task supplies batches, an evaluation and its RNG streams; the loop below owns 
 next batch, forward, backward, step, then logging, evaluation and checkpoints at intervals.
 Steps count optimizer steps (one global batch each, whatever the accumulation).
 
-A step whose gradients are not finite is skipped by DeepSpeed and counted here (the model
-has already kept its VD and BatchNorm statistics out of it); too many in a row stop the run.
-SIGTERM (a cluster's preemption) makes every rank write a checkpoint at the next step boundary
-and exit cleanly.
+A step whose gradients are not finite is skipped by DeepSpeed and counted here; too many in a
+row stop the run. SIGTERM (a cluster's preemption) makes every rank write a checkpoint at the
+next step boundary and exit cleanly.
+
+Nothing inside a step reads a device value on the host: losses are summed on the device, the
+stop flag travels through an asynchronous all-reduce of a host tensor read one step later, and
+whatever needs host values (the logged figures, Visual Dictionary upkeep) runs at the logging
+interval. Each interval logs where the time went: images/s, MFU over the useful work (valid
+pixels, real tokens), padding, the share of time spent waiting for data, each rank's step time
+(the slowest named with its host), memory and the fp16 loss scale.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import statistics
 import time
-from typing import Iterator, Protocol
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,8 +31,9 @@ import torch.distributed as dist
 from soho_ds.config import ReportedError, RunConfig
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo
-from soho_ds.runtime.engine import compute_dtype
+from soho_ds.runtime.engine import cap_loss_scale, compute_dtype
 from soho_ds.runtime.log import RunLogger, format_eta
+from soho_ds.runtime.perf import FlopModel, device_memory_gib, device_peak_flops, host_name, resident_memory_gib
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +101,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
             for k, v in batch.items()}
 
 
-def resident_memory_gib() -> float:
-    """This process's resident memory (Linux /proc; 0 where there is none)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
-
-
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Averages scalar tensors over all ranks with one collective; keys are sorted so ranks agree."""
     keys = sorted(values)
@@ -113,39 +111,89 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, stacked.tolist()))
 
 
-class _StopFlag:
-    """Set by SIGTERM; `agreed()` is true on every rank once any rank has it (one tiny all-reduce)."""
+def _control_group():
+    """A gloo group for host-side control values (None for one process): on NCCL runs too, so that
+    agreeing on a flag never touches the GPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
-    def __init__(self, device: torch.device):
-        self.set, self.device = False, device
+
+class _StopFlag:
+    """Set by SIGTERM. `agreed()`, called once per step on every rank, posts this rank's flag in an
+    asynchronous all-reduce of a host tensor and returns the result of the one posted a step before:
+    the step never waits on it, no device is involved, and every rank reads the same value."""
+
+    def __init__(self):
+        self.set = False
+        self.group = _control_group()
+        self._flag, self._work = torch.zeros(1), None
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.set = True
 
     def agreed(self) -> bool:
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if self.group is None:
             return self.set
-        flag = torch.tensor([float(self.set)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stop = False
+        if self._work is not None:
+            self._work.wait()
+            stop = bool(self._flag.numpy()[0] > 0)  # a host tensor: reading it syncs nothing
+        self._flag = torch.tensor([float(self.set)])
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return stop
 
     def release(self) -> None:
+        if self._work is not None:
+            self._work.wait()  # every rank posted it: the collective completes
+            self._work = None
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def gather_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, list[float]]:
+    """Every rank's value of each key (keys sorted so ranks agree), in one collective."""
+    keys = sorted(values)
+    local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).to(device).reshape(()) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, local)
+        local = torch.stack(everyone)
+    else:
+        local = local[None]
+    table = local.t().tolist()
+    return dict(zip(keys, table))
+
+
+def _visual_dictionaries(module: torch.nn.Module) -> list:
+    from soho_ds.models.visual_dictionary import VisualDictionary
+
+    return [m for m in module.modules() if isinstance(m, VisualDictionary)]
+
+
 class Trainer:
-    def __init__(self, engine, task: Task, cfg: RunConfig, logger: RunLogger, dist_info: DistInfo):
+    """`step_context`, a factory of context managers, wraps every micro-step (forward, backward,
+    optimizer step): the tests count the operations a step issues through it."""
+
+    def __init__(self, engine, task: Task, cfg: RunConfig, logger: RunLogger, dist_info: DistInfo,
+                 step_context: Callable[[], ContextManager] = contextlib.nullcontext):
         self.engine, self.task, self.cfg, self.logger, self.dist = engine, task, cfg, logger, dist_info
+        self.step_context = step_context
         self.dtype = compute_dtype(engine)
         self.ckpt_dir = f"{cfg.train.output_dir}/checkpoints"
         self.eval_log = f"{cfg.train.output_dir}/eval.jsonl"
         self.train_log = f"{cfg.train.output_dir}/train.jsonl"
         self._t_fit = time.time()
+        soho = getattr(engine.module, "model", None)
+        self.flops = FlopModel(soho, dist_info.device) if soho is not None else None
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        self.peak_flops = device_peak_flops(dist_info.device, precision) * dist_info.world_size
+        self.hosts = [host_name()] * dist_info.world_size
+        if dist_info.world_size > 1:
+            dist.all_gather_object(self.hosts, host_name())
 
     def _rank_state(self) -> dict:
         return {"rng": checkpoint.rng_state(self.task.rng_generators()), "data": self.task.data_state()}
-
     def check_replicas(self) -> None:
         """Every rank must hold the same weights and VD table; checked at each checkpoint (one all_gather)."""
         if self.dist.world_size == 1:
@@ -183,25 +231,69 @@ class Trainer:
         self.logger.info("state digest @ step %d: %s", engine.global_steps,
                          checkpoint.format_digest(checkpoint.state_digest(engine)))
 
-    def _log_step(self, step: int, running: dict, micro_steps: int, images: int, elapsed: float, t_start: float,
-                  start: int, skipped: int) -> dict[str, float]:
+    def _log_step(self, step: int, running: dict, micro_steps: int, interval: dict, t_start: float,
+                  start: int) -> dict[str, float]:
+        """The interval's figures, gathered from every rank in one collective; logged by rank 0."""
         engine, t = self.engine, self.cfg.train
-        memory = torch.tensor(resident_memory_gib(), device=self.dist.device)
-        values = mean_over_ranks({**{k: v / micro_steps for k, v in running.items()}, "perf/rss_gib": memory})
-        img_per_s = images * self.dist.world_size / elapsed
+        elapsed = max(interval["wall_s"], 1e-9)
+        steps = max(interval["steps"], 1)
+        local = {**{k: v / micro_steps for k, v in running.items()},
+                 "perf/memory_gib": device_memory_gib(self.dist.device), "perf/rss_gib": resident_memory_gib(),
+                 "perf/step_s": elapsed / steps, "perf/data_wait_s": interval["data_s"] / steps,
+                 "perf/flops": interval["flops"], "perf/padding": interval["padding"] / micro_steps}
+        table = gather_over_ranks(local, self.dist.device)
+        values = {k: sum(v) / len(v) for k, v in table.items()}
+        images = interval["images"] * self.dist.world_size
+        step_times = table["perf/step_s"]
+        slowest = max(range(len(step_times)), key=lambda r: (step_times[r], table["perf/data_wait_s"][r]))
+        values.update({
+            "train/lr": engine.get_lr()[0], "perf/img_per_s": images / elapsed,
+            "perf/data_wait_share": values["perf/data_wait_s"] / values["perf/step_s"],
+            "perf/memory_gib_max": max(table["perf/memory_gib"]),
+            "perf/step_s_max": step_times[slowest], "perf/step_s_median": statistics.median(step_times),
+            "perf/slowest_rank": float(slowest),
+            "train/loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0)),
+            "train/skipped_steps": float(engine.skipped_steps)})
+        flops = sum(table.pop("perf/flops"))
+        values.pop("perf/flops")
+        if self.peak_flops:
+            values["perf/mfu"] = flops / elapsed / self.peak_flops
         grad_norm = engine.get_global_grad_norm()
-        values.update({"train/lr": engine.get_lr()[0], "perf/img_per_s": img_per_s,
-                       "train/loss_scale": float(getattr(engine.optimizer, "loss_scale", 1.0)),
-                       "train/skipped_steps": float(skipped)})
         if grad_norm is not None and float(grad_norm) >= 0:
             values["train/grad_norm"] = float(grad_norm)
+        for vd in _visual_dictionaries(engine.module):
+            values["vd/restarted_now"] = values.get("vd/restarted_now", 0.0) + vd.maintain()
         self.logger.scalars(step, values)
         self.logger.record(self.train_log, {"step": step, **values})
         eta = (time.time() - t_start) / max(1, step - start) * (t.max_steps - step)
         terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()) if k.startswith(("loss/", "acc/", "vd/usage")))
-        self.logger.info("step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s  eta %s", step, t.max_steps,
-                         values["loss"], terms, values["train/lr"], img_per_s, format_eta(eta))
+        mfu = f"  MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else ""
+        self.logger.info("step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s%s  data wait %.0f%%  padding %.0f%%  "
+                         "step %.3f s (slowest rank %d on %s %.3f s)  mem %.2f GiB  loss scale %g  eta %s",
+                         step, t.max_steps, values["loss"], terms, values["train/lr"], values["perf/img_per_s"], mfu,
+                         100 * values["perf/data_wait_share"], 100 * values["perf/padding"],
+                         values["perf/step_s_median"], slowest, self.hosts[slowest], values["perf/step_s_max"],
+                         values["perf/memory_gib_max"], values["train/loss_scale"], format_eta(eta))
         return values
+
+    def _report_skip(self, step: int, in_a_row: int) -> None:
+        """A skipped step is rare: here reading the model's held-back count (a host read) is fine."""
+        engine = self.engine
+        soho = getattr(engine.module, "model", None)
+        held = int(soho.held_back) if soho is not None and hasattr(soho, "held_back") else None
+        if held is not None and held > self._held_back:
+            kept = "its VD and BatchNorm statistics were held back (non-finite inputs or loss)"
+        elif held is not None:
+            kept = ("its forward pass was finite, so its VD and BatchNorm statistics were kept; only the "
+                    "gradients overflowed")
+        else:
+            kept = "no statistics outside the optimizer"
+        self._held_back = held or 0
+        scale = getattr(engine.optimizer, "loss_scale", None)
+        self.logger.warning("step %d skipped by DeepSpeed: non-finite gradients%s (%d in a row, %d in all); %s",
+                            step, f" (loss scale now {scale:g})" if self.dtype == torch.float16 and scale else "",
+                            in_a_row, engine.skipped_steps, kept)
+        self.logger.scalars(step, {"train/skipped_steps": float(engine.skipped_steps)})
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         engine, t = self.engine, self.cfg.train
@@ -209,10 +301,13 @@ class Trainer:
             self.restore()
         start = step = engine.global_steps
         self._t_fit = time.time()
+        soho = getattr(engine.module, "model", None)
+        self._held_back = int(soho.held_back) if soho is not None and hasattr(soho, "held_back") else 0
         batches = self.task.train_batches()
         running: dict[str, torch.Tensor] = {}
         pending: dict[str, torch.Tensor] = {}  # this optimizer step's micro-steps, until it is known not skipped
-        micro_steps = pending_micro = images = 0
+        micro_steps = pending_micro = 0
+        interval = dict(images=0, data_s=0.0, flops=0.0, padding=0.0, steps=0)
         t_start = t_last = time.time()
         skipped_before, in_a_row = engine.skipped_steps, 0
         self.logger.info("training from step %d to %d; world size %d, micro-batch %d x accumulation %d = global "
@@ -223,27 +318,34 @@ class Trainer:
         self.logger.scalars(step, {"train/global_batch": engine.train_batch_size(),
                                    "train/grad_accumulation": engine.gradient_accumulation_steps()})
         first = values = None
-        stop = _StopFlag(self.dist.device)
+        stop = _StopFlag()
         try:
             while step < t.max_steps:
-                batch = poison_batch(to_device(next(batches), self.dist.device, self.dtype), self.dist.rank, step + 1)
-                out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
-                for k, v in out.items():  # summed on-device: no host sync per step
-                    pending[k] = pending.get(k, 0) + v.detach().float()
+                t_data = time.perf_counter()
+                host_batch = next(batches)
+                interval["data_s"] += time.perf_counter() - t_data
+                if self.flops is not None:
+                    flops, padding = self.flops(host_batch)
+                    interval["flops"] += flops
+                    interval["padding"] += padding
+                batch = poison_batch(to_device(host_batch, self.dist.device, self.dtype), self.dist.rank, step + 1)
+                with self.step_context():
+                    out = engine(batch)
+                    engine.backward(out["loss"])
+                    engine.step()
+                    for k, v in out.items():  # summed on-device: no host sync per step
+                        pending[k] = pending.get(k, 0) + v.detach().float()
                 pending_micro += 1
-                images += self.task.images_per_batch
+                interval["images"] += self.task.images_per_batch
                 if engine.global_steps == step:  # inside a gradient-accumulation cycle
                     continue
                 step = engine.global_steps
+                interval["steps"] += 1
+                cap_loss_scale(engine, t.max_loss_scale)
                 if engine.skipped_steps > skipped_before:  # DeepSpeed found non-finite gradients and skipped
                     pending, pending_micro = {}, 0  # a skipped step's numbers would poison the averages
                     skipped_before, in_a_row = engine.skipped_steps, in_a_row + 1
-                    self.logger.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in all); "
-                                        "VD and BatchNorm statistics left as they were", step, in_a_row,
-                                        engine.skipped_steps)
-                    self.logger.scalars(step, {"train/skipped_steps": float(engine.skipped_steps)})
+                    self._report_skip(step, in_a_row)
                     if in_a_row >= t.max_skipped_steps:
                         raise TrainingStopped(
                             f"{in_a_row} steps in a row had non-finite loss or gradients (train.max_skipped_steps = "
@@ -258,10 +360,11 @@ class Trainer:
                 pending, pending_micro = {}, 0
                 if micro_steps and (step % t.log_every == 0 or step == start + 1 or step == t.max_steps):
                     now = time.time()
-                    values = self._log_step(step, running, micro_steps, images, now - t_last, t_start, start,
-                                            engine.skipped_steps)
+                    values = self._log_step(step, running, micro_steps, {**interval, "wall_s": now - t_last},
+                                            t_start, start)
                     first = first or values
-                    running, micro_steps, images, t_last = {}, 0, 0, now
+                    running, micro_steps, t_last = {}, 0, now
+                    interval = dict(images=0, data_s=0.0, flops=0.0, padding=0.0, steps=0)
                 if t.image_log_every and step % t.image_log_every == 0 and hasattr(self.task, "log_pictures"):
                     self.task.log_pictures(engine.module, batch, step, self.logger)
                 inject_fault(self.dist.rank, step)

@@ -50,7 +50,7 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
         module.load_pretrained(args.init, same_task=same_task)
     else:
         log.info("no --init: finetuning from the random initialisation")
-    engine = build_engine(module, cfg.train, run.ds)
+    engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)
     seed_rank(cfg, dist_info)
     trainer = Trainer(engine, task, cfg, run.logger, dist_info)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):

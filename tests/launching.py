@@ -50,7 +50,8 @@ def launch(tmp_path, synthetic_data, ranks, steps, extra=(), resume=False, ds_co
     return log
 
 
-def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=None, micro_batch=16, flags=()):
+def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=None, micro_batch=16, flags=(),
+                        step_context=None):
     """One finetune driver in this process (a world of one: the `world_of_one` fixture): the shipped
     synthetic `config` pointed at the test's `downstream` folder, `sets` applied on top. Returns the
     final metrics."""
@@ -67,4 +68,5 @@ def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=
     sets = [f"train.max_steps={steps}", f"train.output_dir={out_dir}/run", *sets]
     argv = ["--deepspeed_config", str(ds), "--config", str(cfg), *flags] + sum((["--set", s] for s in sets), [])
     argv += ["--init", str(init)] if init else []
-    return finetune(add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv), task)
+    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return finetune(args, task) if step_context is None else finetune(args, task, step_context)

@@ -69,9 +69,17 @@ class CrossModalEncoder(nn.Module):
         """The words alone through the same layers (no visual tokens), mean-pooled over the real tokens
         -> (T, H). The mean, not [CLS]: it carries the sentence from any layer (sentence encoders such as
         MiniLM are trained with it; a truncated stack's [CLS] says little)."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self._encode(self.bert.embeddings(input_ids=input_ids), attention_mask)
         w = attention_mask.to(hidden.dtype)[..., None]
         return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+
+    def _encode(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The BERT layers over embedded tokens (T, S, H), `valid` (T, S) 1 where a token is real. The
+        mask is always built: transformers' shortcut for masks without padding reads the mask on the
+        host (a device sync every step)."""
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=valid,
+                                         allow_is_bidirectional_skip=False)
+        return self.bert.encoder(hidden, attention_mask=mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_tokens: torch.Tensor,
                 visual_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +93,7 @@ class CrossModalEncoder(nn.Module):
         if visual_mask is None:
             visual_mask = attention_mask.new_ones(visual_tokens.shape[:2])
         valid = torch.cat([attention_mask, visual_mask.to(attention_mask.dtype)], dim=1)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=valid)
-        sequence = self.bert.encoder(hidden, attention_mask=mask).last_hidden_state
+        sequence = self._encode(hidden, valid)
         if self.pooling == "mean":
             w = valid.to(sequence.dtype)[..., None]
             return sequence, (sequence * w).sum(1) / w.sum(1).clamp(min=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from soho_ds.models.soho import count_parameters
@@ -15,7 +16,8 @@ from soho_ds.runtime.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def pretrain(args: argparse.Namespace) -> dict[str, float]:
+def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> dict[str, float]:
+    """`step_context`: see Trainer (the tests count what a step does through it)."""
     run = prepare(args, check=check_shards)
     cfg, dist_info = run.cfg, run.dist
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
@@ -25,7 +27,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
     seed_rank(cfg, dist_info)
     task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
-        metrics = Trainer(engine, task, cfg, run.logger, dist_info).fit(resume=run.resume)
+        metrics = Trainer(engine, task, cfg, run.logger, dist_info, step_context).fit(resume=run.resume)
     if "acc/itm" in metrics:
         log.info("held-out ITM accuracy %.3f (chance 0.500 with %.0f%% negatives), MLM accuracy %.3f",
                  metrics["acc/itm"], 100 * cfg.pretrain.itm_neg_prob, metrics["acc/mlm"])

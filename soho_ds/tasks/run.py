@@ -4,6 +4,7 @@ the one trainer."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from soho_ds.config import ConfigError, RunConfig
@@ -25,7 +26,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return add_run_arguments(parser)
 
 
-def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
+def finetune(args: argparse.Namespace, task_name: str, step_context=contextlib.nullcontext) -> dict[str, float]:
+    """`step_context`: see Trainer (the tests count what a step does through it)."""
     task_cls = TASKS[task_name]
     saved = checkpoint.find_run_config(args.init) if args.init else None
     if args.init and saved is None:
@@ -52,7 +54,7 @@ def finetune(args: argparse.Namespace, task_name: str) -> dict[str, float]:
         log.info("no --init: finetuning from the random initialisation")
     engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)
     seed_rank(cfg, dist_info)
-    trainer = Trainer(engine, task, cfg, run.logger, dist_info)
+    trainer = Trainer(engine, task, cfg, run.logger, dist_info, step_context)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
         if args.eval_only:
             if run.resume:

@@ -115,3 +115,120 @@ def test_a_finetune_step_issues_no_host_sync(tmp_path, downstream, world_of_one,
     assert counter.steps == 2
     ours = {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")}
     assert ours == {}, ours
+
+
+def _deepspeed_cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """DeepSpeed's own mixed-precision cast of a module, as `deepspeed.initialize` applies it with soho-ds's
+    configs (no buffer_dtype; buffers the model names kept in fp32). The CPU accelerator refuses fp16
+    engines, so the engine's method is applied to the module directly."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.keep_in_fp32 import keep_in_fp32_pattern
+
+    DeepSpeedEngine._cast_module_mixed_precision(SimpleNamespace(module=module), dtype, None, False,
+                                                 keep_in_fp32_pattern(module, "auto", dtype))
+    return module
+
+
+def _pretraining_model_and_batch(synthetic_data):
+    from conftest import tiny_model_config
+    from soho_ds.config import PretrainConfig, SemanticConfig
+    from soho_ds.data.pipeline import ImageSpec, ShardLoader
+    from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+    from soho_ds.pretrain.model import SohoPretrainer
+
+    semantic = SemanticConfig(object_weight=1.0, attribute_weight=1.0, feature_weight=1.0, num_objects=7,
+                              num_attributes=5, feature_dim=6)
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0, itc_weight=0.5), semantic)
+    raw = next(ShardLoader(f"{synthetic_data}/train", 4, ImageSpec(shorter_side=64, longer_side=96), train=True,
+                           num_threads=1, seed=0).forever())
+    batch = PretrainTextBuilder(load_tokenizer(), 20, 2, 0.15, 0.5, seed=0)([m["captions"] for m in raw.metas])
+    g = torch.Generator().manual_seed(0)
+    batch.update(images=raw.images, image_sizes=raw.image_sizes,
+                 region_boxes=torch.tensor([[0, 2.0, 3.0, 40.0, 50.0], [2, 10.0, 10.0, 60.0, 30.0]]),
+                 region_objects=torch.tensor([3, 6]), region_attributes=(torch.rand(2, 5, generator=g) > 0.5).float(),
+                 region_features=torch.randn(2, 6, generator=g))
+    return model, batch
+
+
+def _finetune_model_and_batch(task_name, downstream, world_of_one, tmp_path):
+    from launching import TINY
+    from soho_ds.config import load_config
+    from soho_ds.tasks import TASKS
+
+    config = tmp_path / f"{task_name}.yaml"
+    config.write_text((ROOT / "configs" / f"finetune_{task_name}_synthetic.yaml").read_text().replace(
+        "data/synthetic_downstream", str(downstream)))
+    cfg = load_config(config, TINY + ["model.dropout=0.0"])
+    task = TASKS[task_name](cfg, world_of_one, 4)
+    return task.make_model(), next(task.train_batches())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["pretrain", "vqa", "retrieval", "nlvr2", "snli_ve"])
+def test_deepspeeds_mixed_precision_cast_trains_every_model(kind, dtype, synthetic_data, downstream, world_of_one,
+                                                            tmp_path):
+    """After DeepSpeed's cast: a forward + backward gives a finite loss and a finite gradient on every
+    trainable parameter; the VD's buffers and every BatchNorm's statistics stay fp32 (and are updated
+    in fp32); masks, indices and labels keep their dtypes."""
+    from soho_ds.models.visual_dictionary import VisualDictionary
+    from soho_ds.runtime.trainer import to_device
+
+    torch.manual_seed(0)
+    model, batch = (_pretraining_model_and_batch(synthetic_data) if kind == "pretrain"
+                    else _finetune_model_and_batch(kind, downstream, world_of_one, tmp_path))
+    model = _deepspeed_cast(model, dtype).train()
+    assert all(p.dtype == dtype for p in model.parameters())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    stats_before = [m.running_var.clone() for m in norms if m.training]
+    moved = to_device(batch, torch.device("cpu"), dtype)
+    for k, v in batch.items():
+        assert moved[k].dtype == (v.dtype if not v.is_floating_point() or k == "region_boxes" else dtype), k
+    out = model(moved)
+    assert torch.isfinite(out["loss"]), out["loss"]
+    out["loss"].backward()
+    # finetunes mask no visual tokens: the mask embedding alone takes no part
+    unused = set() if kind == "pretrain" else {"model.visual.mask_embedding"}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in unused:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for m in norms:
+        assert m.running_mean.dtype == m.running_var.dtype == torch.float32
+    assert all(not torch.equal(a, m.running_var) for a, m in zip(stats_before, [m for m in norms if m.training]))
+    vds = [m for m in model.modules() if isinstance(m, VisualDictionary)]
+    assert kind == "vqa" or vds  # VQA finetunes without the VD, as SOHO
+    for vd in vds:
+        assert all(getattr(vd, b).dtype == torch.float32 for b in ("embed", "ema_count", "ema_sum"))
+        assert bool(vd.initialised)
+    soho = model.model.eval()
+    with torch.no_grad():
+        visual = soho.encode_image(moved["images"][:2], moved["image_sizes"][:2])
+    assert visual.valid.dtype == torch.bool and visual.tokens.dtype == dtype
+    assert visual.vd_index is None or visual.vd_index.dtype == torch.long
+
+
+def test_the_bf16_engine_accumulates_gradients_in_fp32_and_keeps_batchnorm_statistics_fp32(synthetic_data,
+                                                                                           world_of_one):
+    """ds_configs/zero2_bf16.json's settings through deepspeed.initialize: fp32 gradient accumulation
+    over two micro-steps, BatchNorm statistics left fp32 by the engine, finite losses."""
+    from soho_ds.config import TrainConfig
+    from soho_ds.runtime.engine import build_engine, load_ds_config, resolve_precision
+    from soho_ds.runtime.trainer import to_device
+
+    ds = load_ds_config(ROOT / "ds_configs/zero2_bf16.json")
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    ds = resolve_precision({**ds, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 8,
+                            "gradient_accumulation_steps": 2}, "cpu", "bf16")
+    model, batch = _pretraining_model_and_batch(synthetic_data)
+    engine = build_engine(model, TrainConfig(lr=1e-3, warmup_steps=0, max_steps=10), ds)
+    assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+    for m in engine.module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            assert m.running_mean.dtype == torch.float32 and m.weight.dtype == torch.bfloat16
+    for _ in range(2):
+        out = engine(to_device(batch, engine.device, torch.bfloat16))
+        engine.backward(out["loss"])
+        engine.step()
+        assert torch.isfinite(out["loss"])
+    assert engine.global_steps == 1 and engine.skipped_steps == 0

@@ -88,10 +88,14 @@ class SohoPredictor:
     def soho(self):
         return self.module.model
 
+    @staticmethod
+    def _items(images: list) -> list:
+        """Paths as they are (the decoder reads them), in-memory images as (name, encoded bytes)."""
+        return [str(i) if isinstance(i, (str, Path)) else (f"image {n}", _encoded(i)) for n, i in enumerate(images)]
+
     def preprocess(self, images: list) -> dict[str, torch.Tensor]:
         """Images -> {"images": (B, 3, H, W) padded, "image_sizes": (B, 2)}, as evaluation prepares them."""
-        names = [str(i) if isinstance(i, (str, Path)) else f"image {n}" for n, i in enumerate(images)]
-        pixels, sizes = self._decoder.decode([_encoded(i) for i in images], names)
+        pixels, sizes = self._decoder(self._items(images))
         return {"images": pixels.to(self.device), "image_sizes": sizes}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -103,6 +107,13 @@ class SohoPredictor:
     def encode_images(self, images: list) -> VisualTokens:
         batch = self.preprocess(images)
         return self.soho.encode_image(batch["images"], batch["image_sizes"])
+
+    @torch.no_grad()
+    def encode_image_batches(self, chunks: list[list]):
+        """Visual tokens of each chunk of images (at most batch_size each), in order; the next chunks are
+        read and decoded while this one is encoded."""
+        for pixels, sizes in self._decoder.stream(self._items(c) for c in chunks):
+            yield self.soho.encode_image(pixels.to(self.device), sizes)
 
     def _chunks(self, n: int):
         for start in range(0, n, self.batch_size):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from soho_ds.data.pipeline import orientation_order
 from soho_ds.inference import SohoPredictor
 from soho_ds.models.soho import VisualTokens
 
@@ -55,10 +56,10 @@ class ImageIndex:
         todo = [p for p in self.paths if p not in self.entries or self.entries[p]["stamp"] != self._stamp(p)]
         present = set(self.paths)
         self.entries = {p: e for p, e in self.entries.items() if p in present}
+        todo = [todo[i] for i in orientation_order(todo)]  # landscape and portrait batches: little padding
+        chunks = [todo[s:s + self.model.batch_size] for s in range(0, len(todo), self.model.batch_size)]
         with tqdm(total=len(todo), unit="image", desc="encoding images", disable=not progress or not todo) as bar:
-            for start in range(0, len(todo), self.model.batch_size):
-                chunk = todo[start:start + self.model.batch_size]
-                visual = self.model.encode_images(chunk)
+            for chunk, visual in zip(chunks, self.model.encode_image_batches(chunks)):
                 itc = self.itc.embed_image(visual.tokens, visual.valid) if self.itc is not None else None
                 for i, p in enumerate(chunk):
                     keep = visual.valid[i]

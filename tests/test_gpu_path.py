@@ -232,3 +232,55 @@ def test_the_bf16_engine_accumulates_gradients_in_fp32_and_keeps_batchnorm_stati
         engine.step()
         assert torch.isfinite(out["loss"])
     assert engine.global_steps == 1 and engine.skipped_steps == 0
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["aspect", "square"])
+def test_every_dali_graph_defines_for_the_gpu_decoder(mode, train, synthetic_data):
+    """Each pipeline the project builds, with nvJPEG's mixed decoder, defined and checked by DALI without
+    a device (serialising validates every operator's placement and the GPU->CPU transitions the
+    executor allows): the shard loader without and with region boxes (and detector features), and
+    the file decoder of the finetunes, load_model and search."""
+    from soho_ds.data.pipeline import ImageSpec, define_file_pipeline, define_shard_pipeline
+    from soho_ds.data.regions import RegionSpec
+
+    spec = ImageSpec(mode=mode, shorter_side=64, longer_side=96, image_size=64)
+    paths = sorted(str(p) for p in (synthetic_data / "train").glob("*.tar"))
+    for regions in (None, RegionSpec(5, False, 4), RegionSpec(5, True, 4)):
+        pipe = define_shard_pipeline(paths, None, spec, train=train, regions=regions, device="cuda", device_id=None)
+        assert pipe.serialize()
+    pipe = define_file_pipeline(spec, 4, lambda: [], train=train, device="cuda", device_id=None)
+    assert pipe.serialize()
+
+
+def test_the_file_decoder_reads_ahead_and_groups_by_orientation(tmp_path):
+    """DALI asks for the next requests before the first batch is handed out (prefetching), every batch
+    comes back in request order, and evaluation order puts landscape images before portrait ones."""
+    import numpy as np
+    from PIL import Image
+
+    from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec, orientation_order
+
+    paths = []
+    for i, (w, h) in enumerate([(96, 64), (64, 96), (80, 64), (64, 80), (96, 72), (72, 96)]):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(np.full((h, w, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    order = orientation_order(paths)
+    assert order == [0, 2, 4, 1, 3, 5]
+    decoder = ImageFileDecoder(ImageSpec(shorter_side=64, longer_side=128), 2, num_threads=1)
+    asked = []
+
+    def requests():
+        for i in range(0, 6, 2):
+            asked.append(i)
+            yield [paths[j] for j in order[i:i + 2]]
+
+    stream = decoder.stream(requests())
+    images, sizes = next(stream)
+    assert len(asked) >= 2  # the second request was read before the first batch was consumed
+    rest = list(stream)
+    assert [s.tolist() for s in [sizes] + [s for _, s in rest]] == [[[64, 96], [64, 80]], [[64, 85], [96, 64]],
+                                                                     [[80, 64], [85, 64]]]
+    assert images.shape == (2, 3, 64, 96)  # one orientation per batch: padded to the larger only
+    again, _ = decoder([paths[1]])  # the decoder streams again after a finished stream
+    assert again.shape == (1, 3, 96, 64)

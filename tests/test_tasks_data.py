@@ -211,7 +211,7 @@ def test_each_vqa_split_finds_its_own_images_through_the_subtype(tmp_path, world
     assert {task.image_name(q) for q in task.train_examples} == {"COCO_train2014_000000458752.jpg"}
     assert [task.image_name(q) for q in task.eval_questions] == ["COCO_val2014_000000262148.jpg",
                                                                  "COCO_val2014_000000393225.jpg"]
-    batch = task.collate(task.eval_questions, train=False)
+    batch = task.collate(task.eval_questions, False, task.images(task.image_names(task.eval_questions), train=False))
     # SOHO's input (the default): shorter side 600 -> 750x600 and 897x600, padded to stride 32
     assert batch["image_sizes"].tolist() == [[600, 750], [600, 897]] and batch["images"].shape == (2, 3, 608, 928)
 

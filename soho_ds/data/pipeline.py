@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 READER_NAME = "shards"
+CURRENT = "current"  # device_id: the current CUDA device
 
 
 @dataclass(frozen=True)
@@ -153,15 +156,50 @@ def _image_json_pipeline(paths, index_paths, shard_id, num_shards, spec, train, 
 
 
 @pipeline_def
-def _encoded_images_pipeline(spec, train, decode_device):
-    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+def _encoded_images_pipeline(spec, train, decode_device, source):
+    # `source` hands DALI one batch of encoded images per call; DALI calls it ahead of the consumer
+    # (prefetch_queue_depth batches), so files are read and decoded while the model computes.
+    encoded = fn.external_source(source=source, batch=True, name="encoded", dtype=types.UINT8, ndim=1)
     return _augment(encoded, spec, train, decode_device)
 
 
-def _devices(device: str | None) -> tuple[str, int | None]:
+def define_shard_pipeline(paths, index_paths, spec: ImageSpec, *, rank: int = 0, world_size: int = 1,
+                          train: bool = True, batch_size: int = 2, num_threads: int = 2, seed: int = 0,
+                          shuffle_buffer: int = 1, device: str | None = None, regions: RegionSpec | None = None,
+                          checkpoint: dict | None = None, device_id: int | str | None = CURRENT):
+    """The shard loader's DALI pipeline, defined and not built (`device` "cuda": the mixed decoder)."""
+    decode_device, device_id = _devices(device, device_id)
+    return _image_json_pipeline(
+        paths=paths, index_paths=index_paths, shard_id=rank, num_shards=world_size, spec=spec, train=train,
+        decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
+        regions=regions is not None, region_features=bool(regions and regions.features),
+        reader_seed=seed, pad_last_batch=not train,
+        # augmentation randomness differs per rank; the reader's shard order does not
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 1 + rank,
+        prefetch_queue_depth=2,
+        # DALI's own checkpointing: reader position and every random operator's state, so a
+        # resumed run sees exactly the batches the interrupted one would have seen.
+        enable_checkpointing=train, checkpoint=checkpoint)
+
+
+def define_file_pipeline(spec: ImageSpec, batch_size: int, source, *, train: bool = False, num_threads: int = 2,
+                         seed: int = 0, device: str | None = None, device_id: int | str | None = CURRENT,
+                         prefetch: int = 2):
+    """The file decoder's DALI pipeline, defined and not built; `source()` returns one batch of encoded
+    images (a list of uint8 arrays) per call and raises StopIteration at the end."""
+    decode_device, device_id = _devices(device, device_id)
+    return _encoded_images_pipeline(spec=spec, train=train, decode_device=decode_device, source=source,
+                                    batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                                    prefetch_queue_depth=prefetch)
+
+
+def _devices(device: str | None, device_id: int | str | None = CURRENT) -> tuple[str, int | None]:
+    """(DALI decoder placement, DALI device_id) for a torch device type. On CUDA, device_id None defines a
+    graph without touching a device (DALI checks it when serialised): the CPU tests do that."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    return ("mixed" if on_gpu else "cpu"), (torch.cuda.current_device() if on_gpu else None)
+    if not device.startswith("cuda"):
+        return "cpu", None
+    return "mixed", torch.cuda.current_device() if device_id == CURRENT else device_id
 
 
 @dataclass
@@ -182,19 +220,11 @@ class _Stream:
 
     def __init__(self, paths, index_paths, batch_size, spec, rank, world_size, train, num_threads, seed,
                  shuffle_buffer, device, regions, checkpoint):
-        decode_device, device_id = _devices(device)
         self.regions = regions
-        self.pipe = _image_json_pipeline(
-            paths=paths, index_paths=index_paths, shard_id=rank, num_shards=world_size, spec=spec, train=train,
-            decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
-            regions=regions is not None, region_features=bool(regions and regions.features),
-            reader_seed=seed, pad_last_batch=not train,
-            # augmentation randomness differs per rank; the reader's shard order does not
-            batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 1 + rank,
-            prefetch_queue_depth=2,
-            # DALI's own checkpointing: reader position and every random operator's state, so a
-            # resumed run sees exactly the batches the interrupted one would have seen.
-            enable_checkpointing=train, checkpoint=checkpoint)
+        self.pipe = define_shard_pipeline(paths, index_paths, spec, rank=rank, world_size=world_size, train=train,
+                                          batch_size=batch_size, num_threads=num_threads, seed=seed,
+                                          shuffle_buffer=shuffle_buffer, device=device, regions=regions,
+                                          checkpoint=checkpoint)
         self.pipe.build()
         # PARTIAL for evaluation: each rank returns exactly its own samples, no padding repeats.
         # FILL (without padding) for training: an epoch's last, short batch is completed with the
@@ -383,54 +413,114 @@ def _require_members(index_paths: list[str], exts: list[str]) -> None:
                                      "losses need detector outputs (tools/attach_detections.py adds them)")
 
 
+def _read(item) -> tuple[str, np.ndarray]:
+    """A request item: a file path, or (name, encoded bytes) of an in-memory image."""
+    if isinstance(item, tuple):
+        return item
+    try:
+        return item, np.fromfile(item, dtype=np.uint8)
+    except OSError as e:
+        raise FileNotFoundError(f"{item}: cannot read image ({e.strerror})") from None
+
+
 class ImageFileDecoder:
-    """Decodes image files in exactly the order asked for (downstream datasets: annotation files
-    plus image folders). Same DALI ops as the shard pipeline; format is read from the content,
-    so NLVR2's JPEG-data ".png" files decode too."""
+    """Decodes image files (downstream datasets: annotation files plus image folders; search over a
+    folder; `load_model`) with the shard pipeline's DALI operators, on either device. Format is read
+    from the content, so NLVR2's JPEG-data ".png" files decode too.
+
+    `stream(requests)` decodes a sequence of requests (each a list of paths, or (name, bytes)
+    pairs), yielding one padded batch per request in order; DALI reads and decodes the next
+    requests while the caller works on the current one. `__call__(paths)` is one request."""
 
     def __init__(self, spec: ImageSpec, batch_size: int, train: bool = False, num_threads: int = 2, seed: int = 0,
                  device: str | None = None):
-        decode_device, device_id = _devices(device)
         self.batch_size, self.spec, self.train = batch_size, spec, train
-        self._args = dict(spec=spec, train=train, decode_device=decode_device, batch_size=batch_size,
-                          num_threads=num_threads, device_id=device_id, seed=seed, exec_async=False,
-                          exec_pipelined=False)
-        self.pipe = _encoded_images_pipeline(**self._args)
-        self.pipe.build()
+        self._args = dict(train=train, num_threads=num_threads, seed=seed, device=device)
+        self._requests: Iterator | None = None
+        self._pending: deque[tuple[list[str], list[np.ndarray]]] = deque()  # handed to DALI, not yet returned
+        self.pipe = None
 
-    def decode(self, encoded: list[np.ndarray], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoded images -> (len, 3, H, W) float32 on the pipeline's device, padded to a common size
-        (aspect mode), and their valid (height, width) (len, 2) on the CPU."""
-        images, sizes = [], []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start:start + self.batch_size]
-            self.pipe.feed_input("encoded", chunk)
-            try:
-                out, size = self.pipe.run()
-            except RuntimeError as e:
-                self.pipe = _encoded_images_pipeline(**self._args)
-                self.pipe.build()
-                bad = [n for n, r in zip(names[start:], ImageChecker()([c.tobytes() for c in chunk]))
-                       if isinstance(r, str)]
-                raise SampleDecodeError(f"cannot decode image(s) {', '.join(bad) or names[start]}: "
-                                        f"{str(e).splitlines()[-1] if str(e) else e}") from None
-            out = out.as_tensor()
-            tensor = torch.empty(out.shape(), dtype=torch.float32,
-                                 device="cuda" if isinstance(out, TensorGPU) else "cpu")
-            feed_ndarray(out, tensor)
-            images.append(tensor)
-            size = size.as_cpu() if hasattr(size, "as_cpu") else size
-            sizes.append(torch.from_numpy(np.stack([np.array(size[i]) for i in range(len(chunk))])).long())
-        return _pad_to_common(images), torch.cat(sizes)
+    def _source(self) -> list[np.ndarray]:
+        request = next(self._requests)  # StopIteration: the end of this stream
+        if not 0 < len(request) <= self.batch_size:
+            raise ValueError(f"a request holds {len(request)} images; this decoder takes 1 to {self.batch_size}")
+        names, encoded = zip(*map(_read, request))
+        self._pending.append((list(names), list(encoded)))
+        return list(encoded)
 
-    def __call__(self, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = []
-        for p in paths:
-            try:
-                encoded.append(np.fromfile(p, dtype=np.uint8))
-            except OSError as e:
-                raise FileNotFoundError(f"{p}: cannot read image ({e.strerror})") from None
-        return self.decode(encoded, paths)
+    def stream(self, requests) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """-> per request: (len, 3, H, W) float32 on the pipeline's device, padded to a common size
+        (aspect mode), and the valid (height, width) of each (len, 2) on the CPU."""
+        if self._requests is not None:
+            raise RuntimeError("this decoder is already streaming: one stream at a time")
+        if self.pipe is None:
+            self.pipe = define_file_pipeline(self.spec, self.batch_size, self._source, **self._args)
+            self.pipe.build()
+        self._requests, self._pending = iter(requests), deque()
+        finished = False
+        try:
+            while True:
+                try:
+                    out, size = self.pipe.run()
+                except StopIteration:
+                    self.pipe.reset()
+                    finished = True
+                    return
+                except RuntimeError as e:
+                    raise self._decode_error(e) from None
+                names, _ = self._pending.popleft()
+                yield _to_torch(out), _sizes(size, len(names))
+        finally:
+            self._requests = None
+            if not finished:  # abandoned with batches in flight: the next stream starts on a new pipeline
+                self.pipe = None
+
+    def _decode_error(self, error: RuntimeError) -> SampleDecodeError:
+        """Names the images of the failed request that do not decode alone."""
+        names, encoded = self._pending.popleft() if self._pending else ([], [])
+        bad = [n for n, r in zip(names, ImageChecker()([c.tobytes() for c in encoded])) if isinstance(r, str)]
+        return SampleDecodeError(f"cannot decode image(s) {', '.join(bad or names[:1]) or '?'}: "
+                                 f"{str(error).splitlines()[-1] if str(error) else error}")
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paths (or (name, bytes) pairs), any number -> (len, 3, H, W) padded, (len, 2) valid sizes."""
+        chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        images, sizes = zip(*self.stream(chunks))
+        return _pad_to_common(list(images)), torch.cat(sizes)
+
+
+def _to_torch(out) -> torch.Tensor:
+    out = out.as_tensor()
+    tensor = torch.empty(out.shape(), dtype=torch.float32, device="cuda" if isinstance(out, TensorGPU) else "cpu")
+    feed_ndarray(out, tensor)
+    return tensor
+
+
+def _sizes(size, n: int) -> torch.Tensor:
+    size = size.as_cpu() if hasattr(size, "as_cpu") else size
+    return torch.from_numpy(np.stack([np.array(size[i]) for i in range(n)])).long()
+
+
+def orientation_order(paths: list[str], cache: dict[str, bool] | None = None) -> list[int]:
+    """Indices of `paths`, landscape images (width >= height, EXIF rotation applied) first, then portrait,
+    each in the given order: batches taken in this order are padded little (aspect mode). The sizes
+    come from the file headers (kept in `cache`); an unreadable one counts as landscape (the decoder
+    names it later)."""
+    from PIL import Image
+
+    cache = {} if cache is None else cache
+    for p in paths:
+        if p in cache:
+            continue
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                    w, h = h, w
+        except (OSError, ValueError, SyntaxError):
+            w, h = 1, 0
+        cache[p] = w < h  # portrait
+    return sorted(range(len(paths)), key=lambda i: cache[paths[i]])
 
 
 def _pad_to_common(chunks: list[torch.Tensor]) -> torch.Tensor:

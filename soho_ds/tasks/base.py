@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from soho_ds.config import ReportedError, RunConfig
-from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
+from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec, orientation_order
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.losses import classification_loss
 from soho_ds.models.soho import SohoModel
@@ -141,6 +142,7 @@ class ExampleTask(ABC):
         self.eval_images = ImageFileDecoder(spec, micro_batch * 2, train=False, num_threads=d.num_threads,
                                             device=device)
         self.train_examples: list = []
+        self._portrait: dict[str, bool] = {}  # image orientations read from file headers, once
 
     def image_path(self, name: str) -> str:
         return str(Path(self.cfg.task.image_root) / name)
@@ -176,9 +178,44 @@ class ExampleTask(ABC):
         images, sizes = (self.train_images if train else self.eval_images)([self.image_path(n) for n in names])
         return {"images": images, "image_sizes": sizes}
 
+    def _decoded(self, chunks: Iterator[tuple[object, list]], names: Callable[[list], list[str]], train: bool
+                 ) -> Iterator[tuple[object, list, dict[str, torch.Tensor]]]:
+        """(tag, items, their images) for each (tag, items) of `chunks`; DALI reads and decodes the
+        next chunks' images while the caller works on this one."""
+        pending: deque = deque()
+
+        def requests():
+            for tag, items in chunks:
+                pending.append((tag, items))
+                yield [self.image_path(n) for n in names(items)]
+
+        for images, sizes in (self.train_images if train else self.eval_images).stream(requests()):
+            tag, items = pending.popleft()
+            yield tag, items, {"images": images, "image_sizes": sizes}
+
+    def image_batches(self, items: list, name: Callable[[object], str]) -> Iterator[tuple[list, dict]]:
+        """Evaluation images: (items, their images) per micro-batch, landscape images first and then
+        portrait ones (little padding), decoded ahead."""
+        order = orientation_order([self.image_path(name(it)) for it in items], self._portrait)
+        ordered = [items[i] for i in order]
+        chunks = ((None, ordered[s:s + self.micro_batch]) for s in range(0, len(ordered), self.micro_batch))
+        for _, chunk, images in self._decoded(chunks, lambda c: [name(it) for it in c], train=False):
+            yield chunk, images
+
+    def eval_batches(self, examples: list) -> Iterator[tuple[list, dict[str, torch.Tensor]]]:
+        """(examples, collated batch) over `examples` in orientation groups (by each one's first image)."""
+        for chunk, images in self.image_batches(examples, lambda e: self.image_names([e])[0]):
+            if len(self.image_names(chunk)) != len(chunk):  # several images per example (NLVR2)
+                images = self.images(self.image_names(chunk), train=False)
+            yield chunk, self.collate(chunk, False, images)
+
     @abstractmethod
-    def collate(self, examples: list, train: bool) -> dict[str, torch.Tensor]:
-        """Examples -> a batch of tensors for the task's model."""
+    def image_names(self, examples: list) -> list[str]:
+        """The image files of `examples`, in the order `collate` expects them."""
+
+    @abstractmethod
+    def collate(self, examples: list, train: bool, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Examples and their decoded images (`image_names` order) -> a batch of tensors for the model."""
 
     @abstractmethod
     def make_model(self) -> FinetuneModel:
@@ -200,19 +237,27 @@ class ExampleTask(ABC):
     def evaluate(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         """The task's metric over the whole evaluation split."""
 
-    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _train_chunks(self) -> Iterator[tuple[tuple[int, int], list]]:
+        """((epoch, batch in epoch after this one), examples) for this rank, from the saved position on."""
         n, world, B = len(self.train_examples), self.dist.world_size, self.micro_batch
         per_rank = n // world
         if per_rank < B:
             raise ValueError(f"{self.cfg.task.train_file}: {n} training examples are too few for {world} ranks "
                              f"x micro-batch {B}")
+        epoch, done = self.epoch, self.batch_in_epoch
         while True:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + epoch))
             mine = order[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank].tolist()
-            for start in range(self.batch_in_epoch * B, per_rank - B + 1, B):
-                self.batch_in_epoch += 1  # counted before the yield: the state after this batch
-                yield self.collate([self.train_examples[i] for i in mine[start:start + B]], train=True)
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            for start in range(done * B, per_rank - B + 1, B):
+                done += 1
+                yield (epoch, done), [self.train_examples[i] for i in mine[start:start + B]]
+            epoch, done = epoch + 1, 0
+
+    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        # the data position is that of the batch handed out, not of the ones DALI decodes ahead
+        for (self.epoch, self.batch_in_epoch), examples, images in self._decoded(self._train_chunks(),
+                                                                                 self.image_names, train=True):
+            yield self.collate(examples, True, images)
 
     def data_state(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -239,8 +284,8 @@ class ExampleTask(ABC):
         counts = torch.zeros(2, device=device)  # correct, total
         mine = [examples[i] for i in self.eval_slice(len(examples))]
         with torch.no_grad():
-            for start in range(0, len(mine), self.micro_batch):
-                batch = to_device(self.collate(mine[start:start + self.micro_batch], train=False), device, dtype)
+            for _, batch in self.eval_batches(mine):
+                batch = to_device(batch, device, dtype)
                 pred = module.logits(batch).argmax(1)
                 counts += torch.stack([(pred == batch["labels"]).sum().float(),
                                        torch.tensor(float(len(pred)), device=device)])

@@ -76,9 +76,12 @@ class NLVR2Task(ExampleTask):
     def make_model(self) -> NLVR2Model:
         return NLVR2Model(self.cfg)
 
-    def collate(self, examples: list[NLVR2Example], train: bool = True):
+    def image_names(self, examples: list[NLVR2Example]) -> list[str]:
+        return [e.images[0] for e in examples] + [e.images[1] for e in examples]
+
+    def collate(self, examples: list[NLVR2Example], train: bool, images: dict):
         batch = self.tokenize([e.sentence for e in examples])
-        batch.update(self.images([e.images[0] for e in examples] + [e.images[1] for e in examples], train))
+        batch.update(images)
         batch["labels"] = torch.tensor([e.label for e in examples])
         return batch
 

@@ -228,11 +228,13 @@ class RetrievalTask(ExampleTask):
     def chance(self) -> dict[str, float]:
         return chance_recall(len(self.eval_images_list), sum(len(im.captions) for im in self.eval_images_list))
 
-    def collate(self, examples, train: bool = True):
-        images = [self.train_images_list[i] for i, _ in examples]
+    def image_names(self, examples) -> list[str]:
+        return [self.train_images_list[i].image for i, _ in examples]
+
+    def collate(self, examples, train: bool, images: dict):
         batch = self.tokenize([c for _, c in examples])
-        batch.update(self.images([im.image for im in images], train=True))
-        ids = [im.image_id for im in images]
+        batch.update(images)
+        ids = [self.train_images_list[i].image_id for i, _ in examples]
         batch["same_image"] = torch.tensor([[a == b for b in ids] for a in ids])
         return batch
 
@@ -267,9 +269,7 @@ def score_all_pairs(module: RetrievalModel, task: ExampleTask, image_names: list
     chunk = task.cfg.task.eval_batch
     bar = tqdm(total=len(mine) * len(texts), unit="pair", desc="retrieval: scoring all pairs", unit_scale=True,
                disable=not task.dist.is_main, mininterval=5)
-    for start in range(0, len(mine), task.micro_batch):
-        rows = mine[start:start + task.micro_batch]
-        batch = task.images([image_names[i] for i in rows], train=False)
+    for rows, batch in task.image_batches(mine, lambda i: image_names[i]):
         visual = module.model.encode_image(batch["images"].to(device, dtype), batch["image_sizes"])  # once per image
         for r, i in enumerate(rows):
             for t0 in range(0, len(texts), chunk):

@@ -78,9 +78,12 @@ class SNLIVETask(ExampleTask):
     def make_model(self) -> SNLIVEModel:
         return SNLIVEModel(self.cfg)
 
-    def collate(self, examples: list[SNLIVEExample], train: bool = True):
+    def image_names(self, examples: list[SNLIVEExample]) -> list[str]:
+        return [e.image for e in examples]
+
+    def collate(self, examples: list[SNLIVEExample], train: bool, images: dict):
         batch = self.tokenize([e.hypothesis for e in examples])
-        batch.update(self.images([e.image for e in examples], train))
+        batch.update(images)
         batch["labels"] = torch.tensor([e.label for e in examples])
         return batch
 

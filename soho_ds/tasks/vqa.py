@@ -247,9 +247,12 @@ class VQATask(ExampleTask):
     def image_name(self, q: VQAQuestion) -> str:
         return self.cfg.task.image_pattern.format(image_id=q.image_id, subtype=q.subtype)
 
-    def collate(self, examples: list[VQAQuestion], train: bool = True):
+    def image_names(self, examples: list[VQAQuestion]) -> list[str]:
+        return [self.image_name(q) for q in examples]
+
+    def collate(self, examples: list[VQAQuestion], train: bool, images: dict):
         batch = self.tokenize([q.question for q in examples])
-        batch.update(self.images([self.image_name(q) for q in examples], train))
+        batch.update(images)
         if examples[0].answers is not None:
             batch["targets"] = torch.stack([soft_targets(q.answers, self.vocab_index) for q in examples])
         return batch
@@ -260,9 +263,8 @@ class VQATask(ExampleTask):
         module.eval()
         mine = [self.eval_questions[i] for i in self.eval_slice(len(self.eval_questions))]
         preds = {}
-        for start in range(0, len(mine), self.micro_batch):
-            chunk = mine[start:start + self.micro_batch]
-            batch = to_device(self.collate(chunk, train=False), device, dtype)
+        for chunk, batch in self.eval_batches(mine):
+            batch = to_device(batch, device, dtype)
             for q, a in zip(chunk, module.logits(batch).argmax(1).tolist()):
                 preds[q.question_id] = self.vocab[a]
         module.train(was_training)

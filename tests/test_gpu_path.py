@@ -284,3 +284,88 @@ def test_the_file_decoder_reads_ahead_and_groups_by_orientation(tmp_path):
     assert images.shape == (2, 3, 64, 96)  # one orientation per batch: padded to the larger only
     again, _ = decoder([paths[1]])  # the decoder streams again after a finished stream
     assert again.shape == (1, 3, 96, 64)
+
+
+def _norm_worker(rank, world, port, mode, images, out):
+    import torch.distributed as dist
+
+    from conftest import tiny_model_config
+    from soho_ds.models.norm import synchronise_norms
+    from soho_ds.models.soho import SohoModel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = synchronise_norms(SohoModel(tiny_model_config(use_vd=False, backbone_norm=mode)), mode, world).train()
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    model.encode_image(images[rank]).tokens.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for g in grads.values():  # the data-parallel average the engine applies
+        dist.all_reduce(g)
+        g /= world
+    out[rank] = {"kinds": kinds, "grads": grads,
+                 "stats": {n: b.clone() for n, b in model.named_buffers() if "running" in n}}
+    dist.destroy_process_group()
+
+
+def _norms_on_two_ranks(mode, images):
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    out = mp.Manager().dict()
+    mp.spawn(_norm_worker, args=(2, free_port(), mode, images, out), nprocs=2, join=True)
+    return out[0], out[1]
+
+
+def _reference(mode, images):
+    """The same model in one process over both ranks' images together."""
+    from conftest import tiny_model_config
+    from soho_ds.models.soho import SohoModel
+
+    torch.manual_seed(0)
+    model = SohoModel(tiny_model_config(use_vd=False, backbone_norm=mode)).train()
+    model.encode_image(torch.cat(images)).tokens.float().square().mean().backward()
+    return model, {n: b for n, b in model.named_buffers() if "running" in n}
+
+
+NECK = "visual.proj.1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["batch", "sync", "frozen"])
+def test_backbone_norm_modes_across_two_ranks(mode):
+    """batch: each rank's backbone statistics are its own (SOHO's per-GPU BatchNorm); sync: the
+    backbone's statistics and gradients equal one process over both ranks' images; frozen: the
+    backbone's statistics never move and its BatchNorm trains nothing. The neck is synchronised on
+    several ranks in every mode."""
+    g = torch.Generator().manual_seed(7)
+    images = [torch.randn(2, 3, 64, 64, generator=g) + r for r in range(2)]
+    rank0, rank1 = _norms_on_two_ranks(mode, images)
+    reference, union = _reference(mode, images)
+    backbone = [n for n in rank0["stats"] if n.startswith(("backbone.layer2", "backbone.layer3", "backbone.layer4"))]
+    assert backbone and rank0["kinds"][NECK] == "SyncBatchNorm2d"
+    for name in (f"{NECK}.running_mean", f"{NECK}.running_var"):  # the neck: over both ranks' images
+        torch.testing.assert_close(rank0["stats"][name], rank1["stats"][name])
+        if mode != "batch":  # (with per-rank backbone statistics its input differs from one process's)
+            torch.testing.assert_close(rank0["stats"][name], union[name], rtol=1e-4, atol=1e-5)
+    stem = [n for n in rank0["stats"] if n.startswith(("backbone.stem", "backbone.layer1"))]
+    for name in stem:  # freeze_stem: ImageNet statistics stay in every mode
+        assert torch.equal(rank0["stats"][name], dict(reference.named_buffers())[name]), name
+    if mode == "batch":
+        assert {rank0["kinds"][n.rsplit(".", 1)[0]] for n in backbone} == {"BatchNorm2d"}
+        assert all(not torch.allclose(rank0["stats"][n], rank1["stats"][n]) for n in backbone if "mean" in n)
+    elif mode == "sync":
+        assert {rank0["kinds"][n.rsplit(".", 1)[0]] for n in backbone} == {"SyncBatchNorm2d"}
+        for n in backbone:
+            torch.testing.assert_close(rank0["stats"][n], rank1["stats"][n])
+            torch.testing.assert_close(rank0["stats"][n], union[n], rtol=1e-4, atol=1e-5)
+        for n, p in reference.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(rank0["grads"][n], p.grad, rtol=1e-3, atol=1e-6)
+    else:
+        assert {rank0["kinds"][n.rsplit(".", 1)[0]] for n in backbone} == {"FrozenBatchNorm2d"}
+        initial = dict(reference.named_buffers())
+        for n in backbone:
+            assert torch.equal(rank0["stats"][n], initial[n]) and torch.equal(rank1["stats"][n], initial[n]), n
+        assert not any(".bn" in n or "downsample.1" in n for n in rank0["grads"] if n.startswith("backbone."))

@@ -7,8 +7,8 @@
 - `FrozenBatchNorm2d`: statistics and affine fixed (detection backbones' habit), the same state
   dict keys as `BatchNorm2d`, so checkpoints move between the modes.
 - `SyncBatchNorm2d`: statistics over all ranks (SOHO's neck). On CUDA, torch's SyncBatchNorm;
-  elsewhere (gloo) the sums are all-reduced with torch's differentiable all-reduce, since torch's
-  SyncBatchNorm runs on GPUs only.
+  elsewhere (gloo) the sums are all-reduced with torch's differentiable functional all-reduce, since
+  torch's SyncBatchNorm runs on GPUs only.
 
 `model.backbone_norm` picks the backbone's kind (`batch` | `sync` | `frozen`); `synchronise_norms`
 converts a built model for its world size (neck always, backbone when `sync`), before DeepSpeed.
@@ -51,13 +51,14 @@ class FrozenBatchNorm2d(BatchNorm2d):
 
 def _gloo_sync_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, group) -> torch.Tensor:
     """Training-mode BatchNorm over the union of all ranks' batches, differentiable end to end."""
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed import _functional_collectives as funcol
 
     C = x.shape[1]
     xf = x.float()
     count = torch.full((1,), xf.numel() / C, device=x.device)
     local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-    total = all_reduce(local, group=group)  # one collective: sums, sums of squares, counts
+    # one differentiable collective: sums, sums of squares, counts (its backward all-reduces the gradients)
+    total = funcol.wait_tensor(funcol.all_reduce(local, "sum", group or dist.group.WORLD))
     n = total[2 * C]
     mean = total[:C] / n
     var = (total[C:2 * C] / n - mean * mean).clamp(min=0)

@@ -42,17 +42,36 @@ def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_pat
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_every_step_in_tiny_mode_and_writes_its_reports(tmp_path):
-    """The GPU acceptance run on a CPU (tiny sizes): each check it would run on a GPU has run and reported."""
-    out = run_tool(["tools/gpu_check.py", "--tiny"], tmp_path)
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
-    checks = [r["check"] for r in rows]
-    assert [c.split(",")[0] for c in checks[:2]] == ["DALI cpu decode", "DALI cpu decode"]
-    assert sum(c.startswith("ZeRO-2 bf16") for c in checks) == 2 and sum(c.startswith("ZeRO-2 fp32") for c in checks) == 2
-    for r in rows[2:6]:
-        assert "all finite: True" in r["detail"] and float(r["result"].split()[0]) > 0
-    assert [r["result"] for r in rows[6:]] == ["ok", "ok", "ok"], rows[6:]
+def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
+    """The GPU acceptance run on a CPU (tiny sizes): pretraining through `deepspeed launch/pretrain.py`
+    under each shipped DeepSpeed JSON, the overlap_comm comparison, VQA and NLVR2 finetunes from that
+    checkpoint through their drivers, load_model and tools/retrieve.py, then the benchmarks; every
+    figure of a run is the run's own log."""
+    keep = tmp_path / "work"
+    out = run_tool(["tools/gpu_check.py", "--tiny", "--keep", str(keep)], tmp_path)
     assert "GPU acceptance run (tiny mode)" in out
+    rows = {r["check"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
+    runs = ["pretrain fp16 (zero2.json)", "pretrain bf16 (zero2_bf16.json)", "pretrain fp16, overlap_comm on"]
+    assert list(rows)[:4] == runs + ["overlap_comm on vs off (fp16)"]
+    for i, name in enumerate(runs):
+        console = (keep / f"pretrain{i}.log").read_text()
+        assert "training from step 0 to 4; world size 1" in console  # the real driver, the real loop
+        log = [json.loads(line) for line in (keep / f"pretrain{i}" / "train.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 4]
+        images_per_s = sum(r["perf/img_per_s"] for r in log[1:]) / 2
+        assert rows[name]["result"] == f"{images_per_s:.1f} images/s"
+        assert f"skipped steps {int(log[-1]['train/skipped_steps'])}" in rows[name]["detail"]
+        assert all(0 < r["perf/mfu"] < 1 and 0 <= r["perf/data_wait_share"] < 1 for r in log)
+    assert rows["overlap_comm on vs off (fp16)"]["result"] == "identical losses"  # the CPU has no streams
+    for task in ("vqa", "nlvr2"):
+        row = rows[f"finetune {task} from the pretraining checkpoint"]
+        assert row["result"] == "ok", row
+        console = (keep / f"finetune_{task}.log").read_text()
+        assert f"initialised from {keep}/pretrain0/checkpoints" in console
+    assert rows["load_model + itm on cpu"]["result"] == "ok" and rows["tools/retrieve.py on cpu"]["result"] == "ok"
+    assert [rows[b]["result"] for b in ("bench_data", "bench_train", "bench_inference")] == ["ok", "ok", "ok"]
+    data = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
+    assert data[-1]["loader"].startswith("DALI aspect 64/96, CPU decode") and data[-1]["images/s"] > 0
 
     rows = json.loads((tmp_path / "bench_train.json").read_text())["rows"]
     assert [r["loop"].split(" ")[0] for r in rows[:3]] == ["plain", "plain", "DeepSpeed"]

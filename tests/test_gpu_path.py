@@ -369,3 +369,29 @@ def test_backbone_norm_modes_across_two_ranks(mode):
         for n in backbone:
             assert torch.equal(rank0["stats"][n], initial[n]) and torch.equal(rank1["stats"][n], initial[n]), n
         assert not any(".bn" in n or "downsample.1" in n for n in rank0["grads"] if n.startswith("backbone."))
+
+
+def test_the_fp16_loss_scale_is_capped_as_soho_caps_it(world_of_one):
+    """DeepSpeed's dynamic loss scaler doubles the scale after every window of good steps, without bound;
+    train.max_loss_scale holds it at the cap (SOHO: 128) and leaves the halving on overflow alone."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from soho_ds.runtime.engine import cap_loss_scale
+
+    def scales(cap, overflows):
+        scaler = DynamicLossScaler(init_scale=32, scale_window=2, min_scale=1, delayed_shift=1,
+                                   consecutive_hysteresis=False)
+        engine = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler))
+        seen = []
+        for overflow in overflows:
+            scaler.update_scale(overflow)
+            cap_loss_scale(engine, cap)
+            seen.append(scaler.cur_scale)
+        return seen
+
+    good = [False] * 8
+    assert scales(0, good) == [32, 32, 64, 64, 128, 128, 256, 256]  # DeepSpeed alone: unbounded
+    assert scales(128, good) == [32, 32, 64, 64, 128, 128, 128, 128]
+    assert scales(128, good[:6] + [True, False]) == [32, 32, 64, 64, 128, 128, 64, 64]

@@ -29,32 +29,9 @@ from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.config import ModelConfig, PretrainConfig, TrainConfig
 from soho_ds.runtime.dist import init_distributed
 from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision
+from soho_ds.runtime.perf import device_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks
-
-
-def device_peak_flops(override_tflops: float | None, precision: str) -> float:
-    """The device's peak FLOP/s for MFU; 0 (MFU not reported) where it cannot be known."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0) * 1e12
-    # CPU: threads x clock x FMA FLOP per cycle of its widest vector unit (two FMA pipes: AVX2 32 fp32,
-    # AVX-512 64 fp32, AVX-512 BF16 dot products 128 in bf16)
-    info = Path("/proc/cpuinfo").read_text()
-    flags = set(re.search(r"flags\s*:(.*)", info).group(1).split()) if "flags" in info else set()
-    per_cycle = 64 if "avx512f" in flags else 32
-    if precision == "bf16" and "avx512_bf16" in flags:
-        per_cycle = 128
-    mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)]
-    freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    if not mhz and freq.exists():
-        mhz = [int(freq.read_text()) / 1000]
-    return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle if mhz else 0.0
-
-
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -172,7 +149,7 @@ def main() -> None:
         engine = module = ds_step = None  # frees this engine before the next row's
         gc.collect()
         sync()
-    peak = device_peak_flops(a.peak_tflops, name)
+    peak = device_peak_flops("cuda" if torch.cuda.is_available() else "cpu", name, a.peak_tflops)
     for r in rows:
         r["ratio vs plain"] = r["images/s"] / rows[0]["images/s"]
         r["GFLOP/image"] = flops_per_image / 1e9

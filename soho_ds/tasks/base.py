@@ -193,20 +193,24 @@ class ExampleTask(ABC):
             tag, items = pending.popleft()
             yield tag, items, {"images": images, "image_sizes": sizes}
 
-    def image_batches(self, items: list, name: Callable[[object], str]) -> Iterator[tuple[list, dict]]:
-        """Evaluation images: (items, their images) per micro-batch, landscape images first and then
-        portrait ones (little padding), decoded ahead."""
-        order = orientation_order([self.image_path(name(it)) for it in items], self._portrait)
+    def _orientation_chunks(self, items: list, first_image: Callable[[object], str]):
+        """(None, micro-batch of items), landscape items (by their first image) first, then portrait ones:
+        batches padded little."""
+        order = orientation_order([self.image_path(first_image(it)) for it in items], self._portrait)
         ordered = [items[i] for i in order]
-        chunks = ((None, ordered[s:s + self.micro_batch]) for s in range(0, len(ordered), self.micro_batch))
+        return ((None, ordered[s:s + self.micro_batch]) for s in range(0, len(ordered), self.micro_batch))
+
+    def image_batches(self, items: list, name: Callable[[object], str]) -> Iterator[tuple[list, dict]]:
+        """Evaluation images, one per item: (items, their images) per micro-batch in orientation groups,
+        decoded ahead."""
+        chunks = self._orientation_chunks(items, name)
         for _, chunk, images in self._decoded(chunks, lambda c: [name(it) for it in c], train=False):
             yield chunk, images
 
     def eval_batches(self, examples: list) -> Iterator[tuple[list, dict[str, torch.Tensor]]]:
-        """(examples, collated batch) over `examples` in orientation groups (by each one's first image)."""
-        for chunk, images in self.image_batches(examples, lambda e: self.image_names([e])[0]):
-            if len(self.image_names(chunk)) != len(chunk):  # several images per example (NLVR2)
-                images = self.images(self.image_names(chunk), train=False)
+        """(examples, collated batch) in orientation groups (by each example's first image), decoded ahead."""
+        chunks = self._orientation_chunks(examples, lambda e: self.image_names([e])[0])
+        for _, chunk, images in self._decoded(chunks, self.image_names, train=False):
             yield chunk, self.collate(chunk, False, images)
 
     @abstractmethod

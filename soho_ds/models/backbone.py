@@ -6,8 +6,8 @@ import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from soho_ds.config import BACKBONES
-from soho_ds.models.norm import BACKBONE_NORMS, BatchNorm2d, FrozenBatchNorm2d
+from soho_ds.config import BACKBONE_NORMS, BACKBONES
+from soho_ds.models.norm import BatchNorm2d, FrozenBatchNorm2d
 from soho_ds.models.weights import load_checked
 
 

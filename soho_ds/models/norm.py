@@ -20,8 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from soho_ds.config import BACKBONE_NORMS  # noqa: F401  (re-exported for the backbone)
-
 
 class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

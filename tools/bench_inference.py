@@ -174,6 +174,9 @@ def main() -> None:
                         ("region features, BUTD (R101-C4, 300 proposals, res5 head) + same BERT", BUTDRegions),
                         ("region features, Faster R-CNN R101-FPN + same BERT", FPNRegions)):
         model = build(cfg).to(device).eval()
+        if hasattr(model, "detector"):  # the detectors resize their input: to the size SOHO is given
+            model.detector.transform.min_size = (min(a.height, a.width),)
+            model.detector.transform.max_size = max(a.height, a.width)
         row = {"pipeline": name}
         for bs, key in ((1, "batch-1 latency ms"), (a.throughput_batch, f"batch-{a.throughput_batch} images/s")):
             images = torch.rand(bs, 3, a.height, a.width, device=device)

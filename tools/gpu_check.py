@@ -3,7 +3,7 @@ on a CPU the same stages at tiny sizes (tests/test_bench.py runs them), so the s
 
     make gpu-check                     # = python tools/gpu_check.py [--tiny] [--out benchmarks/gpu]
 
-1. Real-size JPEG shards (the synthetic world at 640x480 to 1000x750, a quarter portrait) and a
+1. Real-size JPEG shards (the synthetic world at 640x480 and 1000x750, landscape and portrait) and a
    downstream set (VQA, NLVR2, retrieval images) are written to a temporary folder.
 2. `deepspeed launch/pretrain.py` with configs/pretrain_coco_vg.yaml (ResNet-101 + 12-layer
    BERT-base, K = 2048, SOHO's 600/1000 aspect input) under ds_configs/zero2.json (fp16) and
@@ -40,7 +40,7 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return dict(images=48, shorter=64, photo=64, micro=2, steps=4, log_every=2, finetune_steps=2,
+        return dict(images=48, shorter=64, photos=(64,), micro=2, steps=4, log_every=2, finetune_steps=2,
                     model=["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=1",
                            "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32",
                            "model.pool_last=false"],
@@ -49,11 +49,13 @@ def sizes(tiny: bool) -> dict:
                     finetune_data=["data.shorter_side=64", "data.longer_side=96", "data.train_shorter_sides=[64]",
                                    "data.num_threads=1"],
                     bench=dict(backbone="resnet18", layers=1, square=64, batch=2, iters=1, aspect="64/96",
-                               throughput_batch=2))
-    return dict(images=640, shorter=600, photo=480, micro=16, steps=15, log_every=5, finetune_steps=6, model=[],
+                               throughput_batch=2,  # torch.compile takes minutes on 2 CPU cores: GPU only
+                               train_options="channels_last_params,channels_last_params_after,channels_last_inputs"))
+    return dict(images=640, shorter=600, photos=(480, 750), micro=16, steps=15, log_every=5, finetune_steps=6, model=[],
                 data=[], finetune_data=[],
                 bench=dict(backbone="resnet101", layers=12, square=384, batch=32, iters=5, aspect="600/1000",
-                           throughput_batch=64))
+                           throughput_batch=64, train_options="channels_last_params,channels_last_params_after,"
+                                                              "channels_last_inputs,compile_cnn"))
 
 
 def free_port() -> int:
@@ -129,10 +131,10 @@ def run_figures(run_dir: Path) -> dict:
             "padding": mean("perf/padding"), "losses": {r["step"]: r["loss"] for r in rows}}
 
 
-def pretrain_rows(data: Path, work: Path, s: dict, tokenizer: str | None) -> tuple[list[dict], Path | None]:
+def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None) -> tuple[list[dict], Path | None]:
     """Step 2: -> report rows and the fp16 run's checkpoint folder."""
     base = s["model"] + s["data"] + [
-        f"data.train_shards={data}/train", "data.val_shards=null", f"train.max_steps={s['steps']}",
+        f"data.train_shards=[{','.join(str(p) for p in shards)}]", "data.val_shards=null", f"train.max_steps={s['steps']}",
         f"train.log_every={s['log_every']}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
         "train.image_log_every=0"] + ([f"data.tokenizer_dir={tokenizer}"] if tokenizer else [])
     runs = {"fp16 (zero2.json)": ds_copy("zero2.json", s["micro"], work),
@@ -186,8 +188,10 @@ def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, token
         detail = f"{seconds:.0f} s; {last}"
         if ok:
             f = run_figures(out)
+            metric = next((line.split("] ", 1)[-1] for line in (work / f"finetune_{task}.log").read_text().splitlines()
+                           if f"] {task}: " in line), "")
             detail = (f"{f['img_per_s']:.1f} images/s, peak memory {f['memory_gib']:.1f} GiB, loss scale "
-                      f"{f['loss_scale']:g}, skipped {f['skipped']}; {seconds:.0f} s; {last.split('] ', 1)[-1]}")
+                      f"{f['loss_scale']:g}, skipped {f['skipped']}; {metric}; {seconds:.0f} s")
         rows.append({"check": f"finetune {task} from the pretraining checkpoint", "result": "ok" if ok else "failed",
                      "detail": detail})
     return rows
@@ -225,8 +229,7 @@ def bench_rows(shards: Path, out: Path, work: Path, b: dict) -> list[dict]:
                        "--batch", str(b["batch"]), "--batches", str(2 * b["iters"] + 1), "--aspect", b["aspect"],
                        "--threads", "8" if torch.cuda.is_available() else "1"],
         "bench_train": ["tools/bench_train.py", *small, "--image-size", str(b["square"]), "--batch", str(b["batch"]),
-                        "--iters", str(b["iters"]), "--options",
-                        "channels_last_params,channels_last_params_after,channels_last_inputs,compile_cnn"],
+                        "--iters", str(b["iters"]), "--options", b["train_options"]],
         "bench_inference": ["tools/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
                                                                    b["backbone"] == "resnet18" else []),
                             "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))]}
@@ -256,22 +259,26 @@ def main() -> None:
     tmp = None if a.keep else tempfile.TemporaryDirectory(prefix="soho_ds_gpu_check_")
     work = Path(a.keep or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    make_dataset(work / "data", num_train=s["images"], num_val=8, samples_per_shard=max(8, s["images"] // 4),
-                 image_size=s["photo"], seed=0, non_square=1.0)
+    shards = []
+    for i, side in enumerate(s["photos"]):  # each size its own shard set: the run mixes them
+        per_size = s["images"] // len(s["photos"])
+        make_dataset(work / f"data{i}", num_train=per_size, num_val=8, samples_per_shard=max(8, per_size // 4),
+                     image_size=side, seed=i, non_square=1.0)
+        shards.append(work / f"data{i}" / "train")
     make_downstream(work / "downstream", num_train=16 if tiny else 64, num_eval=8 if tiny else 16,
-                    image_size=s["photo"], seed=1, non_square=0.5)
+                    image_size=s["photos"][0], seed=1, non_square=0.5)
     tokenizer = tokenizer_dir(work)
-    rows, checkpoint = pretrain_rows(work / "data", work, s, tokenizer)
+    rows, checkpoint = pretrain_rows(shards, work, s, tokenizer)
     if checkpoint is not None:
         rows += finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny)
         rows += inference_rows(work / "downstream", checkpoint, work)
-    rows += bench_rows(work / "data" / "train", out, work, s["bench"])
+    rows += bench_rows(shards[-1], out, work, s["bench"])
     failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
     md = write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
                       ["check", "result", "detail"], rows,
                       [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch of "
                        f"{s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs with a shorter "
-                       f"side of {s['photo']} px; {time.time() - t0:.0f} s in all",
+                       f"side of {' and '.join(map(str, s['photos']))} px; {time.time() - t0:.0f} s in all",
                        "each run's logs: --keep DIR; targets: docs/gpu.md",
                        f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (DeepSpeed's op builder rejects 9.0a)"],
                       out)

@@ -134,7 +134,8 @@ def run_figures(run_dir: Path) -> dict:
 def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None) -> tuple[list[dict], Path | None]:
     """Step 2: -> report rows and the fp16 run's checkpoint folder."""
     base = s["model"] + s["data"] + [
-        f"data.train_shards=[{','.join(str(p) for p in shards)}]", "data.val_shards=null", f"train.max_steps={s['steps']}",
+        f"data.train_shards=[{','.join(str(p) for p in shards)}]", "data.val_shards=null",
+        f"train.max_steps={s['steps']}",
         f"train.log_every={s['log_every']}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
         "train.image_log_every=0"] + ([f"data.tokenizer_dir={tokenizer}"] if tokenizer else [])
     runs = {"fp16 (zero2.json)": ds_copy("zero2.json", s["micro"], work),
@@ -182,7 +183,8 @@ def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, token
         sets += s["finetune_data"] + [f"task.image_root={downstream}/images", f"train.output_dir={out}",
                                       f"train.max_steps={s['finetune_steps']}", "train.warmup_steps=0",
                                       "train.log_every=1", "train.eval_every=0", "train.save_every=0",
-                                      "task.num_answers=50"] + ([f"data.tokenizer_dir={tokenizer}"] if tokenizer else [])
+                                      "task.num_answers=50"]
+        sets += [f"data.tokenizer_dir={tokenizer}"] if tokenizer else []
         ok, seconds, last = launch(f"finetune_{task}", ds_copy("zero2.json", s["micro"] // 2 or 1, work), config,
                                    sets, work / f"finetune_{task}.log", ["--init", str(checkpoint)])
         detail = f"{seconds:.0f} s; {last}"
@@ -277,10 +279,11 @@ def main() -> None:
     md = write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
                       ["check", "result", "detail"], rows,
                       [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch of "
-                       f"{s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs with a shorter "
-                       f"side of {' and '.join(map(str, s['photos']))} px; {time.time() - t0:.0f} s in all",
+                       f"{s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs with a "
+                       f"shorter side of {' and '.join(map(str, s['photos']))} px; {time.time() - t0:.0f} s in all",
                        "each run's logs: --keep DIR; targets: docs/gpu.md",
-                       f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (DeepSpeed's op builder rejects 9.0a)"],
+                       f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+                       "(DeepSpeed's op builder rejects 9.0a)"],
                       out)
     print(md)
     if tmp is not None:

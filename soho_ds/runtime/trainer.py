@@ -266,7 +266,8 @@ class Trainer:
         self.logger.scalars(step, values)
         self.logger.record(self.train_log, {"step": step, **values})
         eta = (time.time() - t_start) / max(1, step - start) * (t.max_steps - step)
-        terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()) if k.startswith(("loss/", "acc/", "vd/usage")))
+        terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())
+                          if k.startswith(("loss/", "acc/", "vd/usage")))
         mfu = f"  MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else ""
         self.logger.info("step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s%s  data wait %.0f%%  padding %.0f%%  "
                          "step %.3f s (slowest rank %d on %s %.3f s)  mem %.2f GiB  loss scale %g  eta %s",

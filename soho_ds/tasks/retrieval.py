@@ -201,8 +201,8 @@ class RetrievalModel(FinetuneModel):
         out = {"loss/itm": loss, "acc/itm": acc}
         if self.itc_head is not None:
             image_emb, text_emb = self.itc_head(visual.tokens, visual.valid, self.model.encode_text(ids, mask))
-            out["loss/itc"], out["acc/itc"] = contrastive_loss(image_emb, text_emb, torch.ones_like(idx, dtype=torch.bool),
-                                                               self.itc_temperature)
+            every_image = torch.ones_like(idx, dtype=torch.bool)  # each image has its caption here
+            out["loss/itc"], out["acc/itc"] = contrastive_loss(image_emb, text_emb, every_image, self.itc_temperature)
             loss = loss + self.itc_weight * out["loss/itc"]
         out["loss"] = loss
         return self.finish(out)

@@ -180,6 +180,7 @@ def test_a_nan_input_is_a_skipped_counted_step_that_leaves_no_trace(tmp_path, wo
     assert all(np.isfinite(log[s]["loss"]) for s in log)
     assert ("step 3 skipped by DeepSpeed: non-finite gradients (1 in a row, 1 in all); its VD and BatchNorm "
             "statistics were held back (non-finite inputs or loss)") in messages
+    assert not any(line.startswith("eval @") for line in messages.lines)  # nothing held out: no empty eval line
     from soho_ds.runtime.checkpoint import load_weights
 
     state = load_weights(tmp_path / "run/checkpoints")
@@ -317,3 +318,36 @@ def test_inputs_are_refused_before_any_model_is_built(tmp_path, world_of_one, me
     with pytest.raises(ConfigError, match=r"model\.pool_last is True but the checkpoint was trained with False"):
         finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", tmp_path / "nowhere", tmp_path / "ft", 2,
                             sets=["model.pool_last=true"], init=tmp_path / "run/checkpoints")
+
+
+def test_splits_emptied_by_skipping_or_too_small_for_the_ranks_are_refused_before_any_model_is_built(
+        downstream, tmp_path, world_of_one, monkeypatch):
+    from soho_ds.tasks.base import AnnotationError, FinetuneModel
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the split was refused")
+
+    monkeypatch.setattr(FinetuneModel, "__init__", built)
+    dev = tmp_path / "snli_ve_dev.jsonl"
+    dev.write_text("\n".join(json.dumps({"Flikr30kID": f"absent{i}.jpg", "gold_label": "neutral",
+                                         "sentence2": "there is a shape", "pairID": f"p{i}"}) for i in range(3)))
+    with pytest.raises(AnnotationError, match=rf"{dev}: no evaluation example is left .*task\.image_root"):
+        finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", downstream, tmp_path / "snli", steps=2,
+                            sets=TINY_MODEL + ["task.missing_images=skip", f"task.eval_file={dev}", "train.warmup_steps=0"])
+    questions = json.loads((downstream / "vqa/questions_train.json").read_text())
+    questions["questions"] = questions["questions"][:5]
+    few = tmp_path / "questions_train.json"
+    few.write_text(json.dumps(questions))
+    with pytest.raises(AnnotationError, match=rf"{few}: 5 training examples are too few for 1 ranks x micro-batch 16"):
+        finetune_in_process("vqa", "finetune_vqa_synthetic.yaml", downstream, tmp_path / "vqa", steps=2,
+                            sets=TINY_MODEL + [f"task.train_file={few}", "train.warmup_steps=0"])
+
+
+def test_chance_recall_with_fewer_captions_than_k():
+    from soho_ds.tasks.retrieval import chance_recall
+
+    # 3 images x 2 captions: a random caption ranking puts one of an image's 2 among the first 1 of 6
+    # with 1 - C(4,1)/C(6,1) = 1/3; K = 5 or 10 of 6 always does.
+    chance = chance_recall(3, 6)
+    assert chance == pytest.approx({"t2i_r1": 100 / 3, "t2i_r5": 100, "t2i_r10": 100,
+                                    "i2t_r1": 100 / 3, "i2t_r5": 100, "i2t_r10": 100})

@@ -338,7 +338,8 @@ class ShardLoader:
                     out = self._next(stream)
                 except StopIteration:
                     break
-                yield self._convert(out[0])
+                if out[0]["sizes"].shape[0]:  # a rank's last batch of a pass may be empty (DALI's PARTIAL)
+                    yield self._convert(out[0])
 
     def forever(self):
         """Training stream: epoch after epoch with no gap (the iterators reset themselves)."""

@@ -371,6 +371,14 @@ def sample_sizes(paths: list[str]) -> list[list[tuple[int, int]]] | None:
     return [[tuple(s) for s in r["sizes"]] for r in records]
 
 
+def indexed_sample_count(paths: list[str]) -> int | None:
+    """How many samples the indexes of `paths` list (None if any tar has no index record)."""
+    records = [read_record(p) for p in paths]
+    if any(r is None or "kept" not in r for r in records):
+        return None
+    return sum(r["kept"] for r in records)
+
+
 def summarise_losses(paths: list[str]) -> str | None:
     """One line about what the checker left out of these shards, for the start of a run."""
     skipped = lost = truncated = 0

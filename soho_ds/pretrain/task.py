@@ -10,11 +10,12 @@ import torch
 from soho_ds.config import ConfigError, RunConfig
 from soho_ds.data.pipeline import ImageSpec, ImageTextBatch, ShardLoader
 from soho_ds.data.regions import RegionSpec
-from soho_ds.data.shards import ShardError, check_manifest, list_shards, shard_fingerprint, trusted_index_paths
+from soho_ds.data.shards import (ShardError, check_manifest, indexed_sample_count, list_shards, shard_fingerprint,
+                                 trusted_index_paths)
 from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
 from soho_ds.pretrain.pictures import draw_vd_picture
 from soho_ds.runtime.dist import DistInfo
-from soho_ds.runtime.trainer import mean_over_ranks, to_device
+from soho_ds.runtime.trainer import sample_means_over_ranks, to_device
 
 log = logging.getLogger(__name__)
 
@@ -128,29 +129,37 @@ class PretrainTask:
         """ITM accuracy (half matched, half another image's caption) and MLM accuracy on held-out shards.
 
         The negatives and masks are drawn from a fixed seed each time, so evaluations compare.
-        Each rank scores its own slice; the means are combined once at the end.
+        Each rank scores its own slice (up to `train.eval_batches` batches; a slice may be short or
+        empty); every figure is a mean over the images scored on all ranks, combined once at the end.
         """
         d = self.cfg.data
         if not d.val_shards:
             return {}
         if self._val_loader is None:
-            self._val_loader = ShardLoader(d.val_shards, self.micro_batch, self.spec, self.dist.rank,
-                                           self.dist.world_size, train=False, num_threads=d.num_threads,
-                                           device=self.dist.device.type, regions=self.regions)
+            # DALI splits a set over at most as many readers as it has samples: the other ranks score none.
+            n = indexed_sample_count(list_shards(d.val_shards))
+            readers = self.dist.world_size if n is None else max(1, min(self.dist.world_size, n))
+            self._val_loader = (ShardLoader(d.val_shards, self.micro_batch, self.spec, self.dist.rank, readers,
+                                            train=False, num_threads=d.num_threads, device=self.dist.device.type,
+                                            regions=self.regions)
+                                if self.dist.rank < readers else False)
         self.val_text.generator.manual_seed(self.val_seed)
         was_training = module.training
         module.eval()
         sums: dict[str, torch.Tensor] = {}
-        for i, raw in enumerate(self._val_loader.epochs()):
-            if i == self.cfg.train.eval_batches:
-                # Drain the rest of the pass so the next evaluation starts from the beginning.
-                continue
+        counts: dict[str, int] = {}
+        for i, raw in enumerate(self._val_loader.epochs() if self._val_loader is not False else ()):
+            if i >= self.cfg.train.eval_batches:
+                continue  # drain the rest of the pass so the next evaluation starts from the beginning
             out = module(to_device(self.make_batch(raw, self.val_text), device, dtype))
-            for k in ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm", "acc/itc", "loss/itc", "acc/object",
-                      "acc/attribute", "loss/region_feature"):
+            for k in EVAL_METRICS:
                 if k in out:
-                    sums[k] = sums.get(k, 0) + out[k].float()
-            sums["batches"] = sums.get("batches", 0) + torch.ones((), device=device)
+                    sums[k] = sums.get(k, 0) + out[k].float() * len(raw.metas)
+                    counts[k] = counts.get(k, 0) + len(raw.metas)
         module.train(was_training)
-        n = sums.pop("batches")
-        return mean_over_ranks({k: v / n for k, v in sums.items()})
+        return sample_means_over_ranks(sums, counts, list(EVAL_METRICS), device)
+
+
+# What the held-out evaluation reports, where the model's configuration computes it.
+EVAL_METRICS = ("acc/itm", "acc/mlm", "loss/itm", "loss/mlm", "acc/itc", "loss/itc", "acc/object", "acc/attribute",
+                "loss/region_feature")

@@ -101,14 +101,18 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch
             for k, v in batch.items()}
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Averages scalar tensors over all ranks with one collective; keys are sorted so ranks agree."""
-    keys = sorted(values)
-    stacked = torch.stack([values[k].float() for k in keys])
+def sample_means_over_ranks(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], keys: list[str],
+                            device: torch.device) -> dict[str, float]:
+    """Means over every rank's samples: `sums[k]` is this rank's sum over the `counts[k]` samples it scored
+    for metric k. Every rank passes the same `keys` (a rank that scored nothing passes empty dicts), so
+    one collective serves any split; a metric no rank scored is left out."""
+    stacked = torch.stack([torch.as_tensor(d.get(k, 0.0), device=device).float().reshape(())
+                           for d in (sums, counts) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    values = stacked.tolist()
+    total, n = values[:len(keys)], values[len(keys):]
+    return {k: s / c for k, s, c in zip(keys, total, n) if c > 0}
 
 
 def _control_group():
@@ -216,6 +220,8 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self.task.evaluate(self.engine.module, self.dist.device, self.dtype)
+        if not metrics:  # nothing held out (pretraining without data.val_shards)
+            return metrics
         self.logger.scalars(step, {f"val/{k}": v for k, v in metrics.items()})
         self.logger.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         self.logger.record(self.eval_log, {"step": step, "wall_s": round(time.time() - self._t_fit, 1), **metrics})

@@ -222,6 +222,26 @@ class ExampleTask(ABC):
         """Examples and their decoded images (`image_names` order) -> a batch of tensors for the model."""
 
     @abstractmethod
+    def eval_items(self) -> list:
+        """The evaluation split as read (examples, questions or images), after any skipped."""
+
+    def check_sizes(self, training: bool) -> None:
+        """Refuses, before any model is built, splits too small to run: an evaluation split left empty
+        (every example's images missing and skipped) and, to train, fewer examples than the ranks
+        take in one step."""
+        t = self.cfg.task
+        if not self.eval_items():
+            raise AnnotationError(f"{t.eval_file}: no evaluation example is left (those whose images are missing "
+                                  f"under {t.image_root} were skipped): fix task.image_root or task.eval_file")
+        if not training:
+            return
+        n, world, B = len(self.train_examples), self.dist.world_size, self.micro_batch
+        if n // world < B:
+            raise AnnotationError(f"{t.train_file}: {n} training examples are too few for {world} ranks x "
+                                  f"micro-batch {B}: give more examples, fewer ranks or a smaller "
+                                  "train_micro_batch_size_per_gpu")
+
+    @abstractmethod
     def make_model(self) -> FinetuneModel:
         """The task's model (SOHO + head) for this config."""
 
@@ -243,11 +263,9 @@ class ExampleTask(ABC):
 
     def _train_chunks(self) -> Iterator[tuple[tuple[int, int], list]]:
         """((epoch, batch in epoch after this one), examples) for this rank, from the saved position on."""
+        self.check_sizes(training=True)
         n, world, B = len(self.train_examples), self.dist.world_size, self.micro_batch
         per_rank = n // world
-        if per_rank < B:
-            raise ValueError(f"{self.cfg.task.train_file}: {n} training examples are too few for {world} ranks "
-                             f"x micro-batch {B}")
         epoch, done = self.epoch, self.batch_in_epoch
         while True:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + epoch))

@@ -70,6 +70,9 @@ class NLVR2Task(ExampleTask):
         self.train_examples = self.keep_present(read_nlvr2(t.train_file), names, t.train_file) if t.train_file else []
         self.eval_examples = self.keep_present(read_nlvr2(t.eval_file), names, t.eval_file)
 
+    def eval_items(self) -> list:
+        return self.eval_examples
+
     def chance(self) -> dict[str, float]:
         return {"accuracy": 50.0}
 

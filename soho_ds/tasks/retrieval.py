@@ -137,10 +137,11 @@ def fold_recall(scores: torch.Tensor, text_image: torch.Tensor, fold: int, folds
 
 def chance_recall(num_images: int, num_texts: int, ks=(1, 5, 10)) -> dict[str, float]:
     """R@K (%) of a random ranking: text->image K/images; image->text 1 - C(T-c, K)/C(T, K) for c
-    captions per image (the chance that one of them is drawn). At most 100."""
+    captions per image (the chance that one of them is drawn); 100 where K reaches the count."""
     per_image = round(num_texts / num_images)
     return {**{f"t2i_r{k}": 100 * min(1.0, k / num_images) for k in ks},
-            **{f"i2t_r{k}": 100 * min(1.0, 1 - math.comb(num_texts - per_image, k) / math.comb(num_texts, k))
+            **{f"i2t_r{k}": 100 * (1 - math.comb(num_texts - per_image, k) / math.comb(num_texts, k)
+                                   if k < num_texts else 1.0)
                for k in ks}}
 
 
@@ -224,6 +225,9 @@ class RetrievalTask(ExampleTask):
 
     def make_model(self) -> RetrievalModel:
         return RetrievalModel(self.cfg)
+
+    def eval_items(self) -> list:
+        return self.eval_images_list
 
     def chance(self) -> dict[str, float]:
         return chance_recall(len(self.eval_images_list), sum(len(im.captions) for im in self.eval_images_list))

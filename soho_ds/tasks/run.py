@@ -46,6 +46,7 @@ def finetune(args: argparse.Namespace, task_name: str, step_context=contextlib.n
     task = task_cls(cfg, dist_info, run.ds["train_micro_batch_size_per_gpu"], args.init)
     if not args.eval_only and not task.train_examples:
         raise AnnotationError(f"{cfg.task.train_file}: no training examples (for vqa: task.train_answers too)")
+    task.check_sizes(training=not args.eval_only)
     module = task.make_model()
     if args.init:
         same_task = saved is not None and (saved[0].get("task") or {}).get("name") == task_name

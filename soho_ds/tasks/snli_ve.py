@@ -72,6 +72,9 @@ class SNLIVETask(ExampleTask):
         self.train_examples = self.keep_present(read_snli_ve(t.train_file), names, t.train_file) if t.train_file else []
         self.eval_examples = self.keep_present(read_snli_ve(t.eval_file), names, t.eval_file)
 
+    def eval_items(self) -> list:
+        return self.eval_examples
+
     def chance(self) -> dict[str, float]:
         return {"accuracy": 100 / 3}
 

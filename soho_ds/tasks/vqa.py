@@ -225,6 +225,9 @@ class VQATask(ExampleTask):
         log.info("VQA: %d train questions, %d answers in the vocabulary%s, %d eval questions", len(train),
                  len(self.vocab), " (from the checkpoint)" if saved is not None else "", len(self.eval_questions))
 
+    def eval_items(self) -> list:
+        return self.eval_questions
+
     def chance(self) -> dict[str, float]:
         """Always answering the most frequent training answer."""
         if self.eval_questions[0].answers is None:
@@ -276,10 +279,12 @@ class VQATask(ExampleTask):
 
     def evaluate(self, module, device, dtype) -> dict[str, float]:
         preds = self.predict(module, device, dtype)
-        out_dir = Path(self.cfg.train.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         results = [{"question_id": q, "answer": a} for q, a in sorted(preds.items())]
-        (out_dir / "vqa_results.json").write_text(json.dumps(results))  # the evaluation server's format
+        if self.dist.is_main:
+            path = Path(self.cfg.train.output_dir) / "vqa_results.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results))  # the evaluation server's format
+            log.info("VQA: %d answers written to %s (the evaluation server's format)", len(results), path)
         if self.eval_questions[0].answers is None:
             return {"num_questions": float(len(results))}
         acc = [vqa_accuracy(preds[q.question_id], list(q.answers)) for q in self.eval_questions]

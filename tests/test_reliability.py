@@ -351,3 +351,54 @@ def test_chance_recall_with_fewer_captions_than_k():
     chance = chance_recall(3, 6)
     assert chance == pytest.approx({"t2i_r1": 100 / 3, "t2i_r5": 100, "t2i_r10": 100,
                                     "i2t_r1": 100 / 3, "i2t_r5": 100, "i2t_r10": 100})
+
+
+def test_a_disk_that_fills_during_a_checkpoint_leaves_the_last_complete_one_and_names_path_and_free_space(
+        tmp_path, world_of_one, monkeypatch):
+    data = shards(tmp_path / "data")
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step_00000004" in str(f):  # torch's own words when the disk fills mid-file
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04 half a file")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2496 vs 2390")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*/run/checkpoints/step_00000004 \(1 rank"
+                                              r"\(s\) failed; .*step_00000004\.partial.*unexpected pos 2496 vs 2390'?\); "
+                                              r"[\d.]+ GiB free on .*last complete checkpoint is step_00000002"):
+        pretrain(tmp_path, data, 4, sets=["train.save_every=2"], monkeypatch=monkeypatch)
+    ckpt = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002"]  # complete or absent
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    monkeypatch.setattr(torch, "save", real_save)
+    pretrain(tmp_path, data, 4, sets=["train.save_every=2"], flags=["--resume"], monkeypatch=monkeypatch)
+    assert (ckpt / "latest").read_text() == "step_00000004" and (ckpt / "step_00000004/meta.json").is_file()
+    assert [r["step"] for r in map(json.loads, (tmp_path / "run/train.jsonl").read_text().splitlines())][-2:] == [3, 4]
+
+
+def test_sigterm_during_the_final_checkpoint_finishes_it_and_says_so(tmp_path, world_of_one, monkeypatch, messages):
+    import os
+    import signal
+
+    from soho_ds.runtime import checkpoint
+
+    data = shards(tmp_path / "data")
+    real_save = checkpoint.save
+
+    def terminated_while_saving(engine, ckpt_dir, step, *args, **kwargs):
+        if step == 3:
+            # the scheduler's SIGTERM arrives as the final save starts; the run must still hold it
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(engine, ckpt_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", terminated_while_saving)
+    pretrain(tmp_path, data, 3, monkeypatch=monkeypatch)
+    ckpt = tmp_path / "run/checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000003"
+    assert {p.name for p in (ckpt / "step_00000003").iterdir()} >= {"meta.json", "run_config.yaml", "rank_00000.pt"}
+    assert ("SIGTERM arrived during the final evaluation or save: the run had finished and its last checkpoint "
+            "step_00000003 is complete") in messages

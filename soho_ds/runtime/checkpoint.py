@@ -1,11 +1,12 @@
 """Checkpoints through the engine's own save/load (ZeRO shards, optimizer, scheduler, buffers).
 
-Every rank calls `save` and `resume` (DeepSpeed hangs if only rank 0 does). A tag is complete
-when every rank has written its engine shards and its own `rank_<rank>.pt` (RNG streams
-and data-loader position), all ranks have met at a barrier, and rank 0 has written the run
-config, any task files and `meta.json`; only then does rank 0 point `latest` at it (atomically,
-by rename). A run killed at any moment therefore resumes from the last complete tag, never
-from a half-written one. Nothing non-finite is ever written, and nothing non-finite is loaded.
+Every rank calls `save` and `resume` (DeepSpeed hangs if only rank 0 does). A tag is written
+under a temporary name (`step_N.partial`): every rank writes its engine shards and its own
+`rank_<rank>.pt` (RNG streams and data-loader position), the ranks agree that all writes
+succeeded, rank 0 adds the run config, any task files and `meta.json`, renames the folder to
+`step_N` and only then points `latest` at it (atomically, by rename). A checkpoint is therefore
+complete or absent: a run killed, or a disk that fills, at any moment leaves the last complete
+tag as `latest`. Nothing non-finite is ever written, and nothing non-finite is loaded.
 
 A checkpoint written at one world size resumes at another through DeepSpeed's universal
 checkpoint: `prepare_resume` converts the tag once (`ds_to_universal`) and switches the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import yaml
 
 from soho_ds.config import ReportedError
 from soho_ds.models.weights import non_finite
+from soho_ds.runtime.dist import host_group
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ class CheckpointError(ReportedError, RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+PARTIAL = ".partial"  # a tag being written; never loaded
 
 
 def _rank_file(tag_dir: Path, rank: int) -> Path:
@@ -69,21 +75,53 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: 
                               f"checkpoint is {latest_tag(ckpt_dir) or 'none'} in {ckpt_dir}")
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    partial = ckpt_dir / (tag + PARTIAL)
     rank, world = engine.global_rank, engine.world_size
-    torch.save(rank_state, _rank_file(ckpt_dir / tag, rank))
-    _barrier()  # every rank's files are on disk
+    if rank == 0 and partial.exists():
+        shutil.rmtree(partial)  # left by a run stopped while writing it: never committed
+    _barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
+        torch.save(rank_state, _rank_file(partial, rank))
+        if rank == 0:
+            (partial / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+            for name, text in (files or {}).items():
+                (partial / name).write_text(text)
+            (partial / "meta.json").write_text(json.dumps({"step": step, "world_size": world}))
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
+        error = e
+    failed = torch.tensor([float(error is not None)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, group=host_group())
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _write_error(partial, error, int(failed.item()), ckpt_dir)
     if rank == 0:
-        (ckpt_dir / tag / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
-        for name, text in (files or {}).items():
-            (ckpt_dir / tag / name).write_text(text)
-        (ckpt_dir / tag / "meta.json").write_text(json.dumps({"step": step, "world_size": world}))
+        if (ckpt_dir / tag).exists():  # of a later branch abandoned when `latest` was pointed back at an earlier tag
+            shutil.rmtree(ckpt_dir / tag)
+        os.replace(partial, ckpt_dir / tag)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")  # the commit point
     _barrier()
     log.info("saved checkpoint %s", ckpt_dir / tag)
     return ckpt_dir / tag
+
+
+def _write_error(partial: Path, error: BaseException | None, ranks_failed: int, ckpt_dir: Path) -> CheckpointError:
+    """Names the checkpoint that could not be written, why, and the space left where it was going."""
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    why = (f"{getattr(error, 'filename', None) or partial}: {str(error).splitlines()[0] if str(error) else error!r}"
+           if error is not None else "the write failed on another rank")
+    return CheckpointError(f"could not write checkpoint {partial.with_suffix('')} ({ranks_failed} rank(s) failed; "
+                           f"{why}); {free} on {ckpt_dir}. The incomplete tag was removed; the last complete "
+                           f"checkpoint is {latest_tag(ckpt_dir) or 'none'}. Free space or move train.output_dir, "
+                           "then --resume")
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
@@ -125,7 +163,9 @@ def resume(engine, ckpt_dir: str | Path) -> tuple[dict, dict | None]:
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume from")
+        incomplete = sorted(p.name for p in ckpt_dir.glob(f"step_*{PARTIAL}"))
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from"
+                              + (f" ({', '.join(incomplete)} never finished writing)" if incomplete else ""))
     universal = engine.load_universal_checkpoint()
     load_tag = f"{tag}_universal" if universal else tag
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)

@@ -28,6 +28,20 @@ class DistInfo:
         return self.rank == 0
 
 
+_HOST_GROUP: list = []
+
+
+def host_group():
+    """The group for host-side control values (stop flags, write failures): the default group on gloo,
+    else one gloo group made once (every rank calls this at the same point), so that agreeing on a
+    flag never touches the GPU."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from soho_ds.config import ReportedError, RunConfig
 from soho_ds.runtime import checkpoint
-from soho_ds.runtime.dist import DistInfo
+from soho_ds.runtime.dist import DistInfo, host_group
 from soho_ds.runtime.engine import cap_loss_scale, compute_dtype
 from soho_ds.runtime.log import RunLogger, format_eta
 from soho_ds.runtime.perf import FlopModel, device_memory_gib, device_peak_flops, host_name, resident_memory_gib
@@ -115,14 +115,6 @@ def sample_means_over_ranks(sums: dict[str, torch.Tensor], counts: dict[str, tor
     return {k: s / c for k, s, c in zip(keys, total, n) if c > 0}
 
 
-def _control_group():
-    """A gloo group for host-side control values (None for one process): on NCCL runs too, so that
-    agreeing on a flag never touches the GPU."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
 class _StopFlag:
     """Set by SIGTERM. `agreed()`, called once per step on every rank, posts this rank's flag in an
     asynchronous all-reduce of a host tensor and returns the result of the one posted a step before:
@@ -130,7 +122,7 @@ class _StopFlag:
 
     def __init__(self):
         self.set = False
-        self.group = _control_group()
+        self.group = host_group() if dist.is_initialized() and dist.get_world_size() > 1 else None
         self._flag, self._work = torch.zeros(1), None
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -385,11 +377,15 @@ class Trainer:
                     self.evaluate(step)
                 if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                     self.save(step)
+            # SIGTERM stays caught until the last checkpoint is complete: it is written, then the run ends
+            metrics = self.evaluate(step)
+            if checkpoint.latest_tag(self.ckpt_dir) != checkpoint.tag_for(step):
+                self.save(step)
+            if stop.set:
+                self.logger.info("SIGTERM arrived during the final evaluation or save: the run had finished and its "
+                                 "last checkpoint %s is complete", checkpoint.tag_for(step))
         finally:
             stop.release()
-        metrics = self.evaluate(step)
-        if checkpoint.latest_tag(self.ckpt_dir) != checkpoint.tag_for(step):
-            self.save(step)
         if first is not None:
             self.logger.info("done: loss %.4f at step %d -> %.4f at step %d", first["loss"], start + 1,
                              values["loss"], step)

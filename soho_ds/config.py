@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,6 +219,35 @@ class RunConfig:
         return d
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last silently,
+    and a repeated section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first:
+                raise DuplicateKey(key, first[key], key_node.start_mark.line + 1)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, second_line: int):
+        super().__init__(f"{key!r} is given twice")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+def read_yaml(path: Path):
+    """A YAML file's content, refusing duplicate keys with both lines named."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.second_line}: {e.key!r} is given twice (first at line {e.first_line}); "
+                          "keep one") from None
+
+
 def _coerce(value, tp, where: str):
     """Checks `value` against the annotation `tp`; returns it in the declared form."""
     origin = typing.get_origin(tp)
@@ -251,9 +281,11 @@ def _coerce(value, tp, where: str):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads "1e-4" as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -388,7 +420,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     """
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:

@@ -73,6 +73,14 @@ def test_real_recipes_are_sohos():
     ("model:\n  bert_dir: /nonexistent/bert\n", r"run.yaml: model.bert_dir path does not exist"),
     ("model: [1, 2\n", r"run.yaml: not valid YAML"),
     ("optimizer:\n  lr: 1\n", r"run.yaml: top level: unknown key\(s\) \['optimizer'\]"),
+    ("train:\n  lr: 1.0e-4\n  max_steps: 10\n  lr: 1.0e-3\n",
+     r"run.yaml:4: 'lr' is given twice \(first at line 2\); keep one"),
+    ("train:\n  lr: 1.0e-4\nmodel:\n  num_layers: 2\ntrain:\n  max_steps: 10\n",
+     r"run.yaml:5: 'train' is given twice \(first at line 1\)"),
+    ("train:\n  lr: .inf\n", r"run.yaml: train.lr: must be a finite number, got inf"),
+    ("train:\n  cnn_lr_mult: .nan\n", r"run.yaml: train.cnn_lr_mult: must be a finite number, got nan"),
+    ("train:\n  lr: 0\n", r"run.yaml: train.lr must be positive"),
+    ("train:\n  lr: -1.0e-4\n", r"run.yaml: train.lr must be positive"),
 ])
 def test_broken_config_is_refused_naming_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -91,6 +99,8 @@ def test_overrides_pass_through_the_same_validation(tmp_path):
         load_config(path, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(path, ["train.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=r"train.lr: must be a finite number, got inf"):
+        load_config(path, ["train.lr=.inf"])
     several = load_config(path, ["data.train_shards=[a, b]", "data.val_shards=c"])
     assert several.data.train_shards == ("a", "b") and several.data.val_shards == ("c",)
 
@@ -121,6 +131,9 @@ def test_the_checkpoint_carries_the_model(tmp_path):
 def test_deepspeed_config_is_checked_by_deepspeeds_own_model_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
         load_ds_config(write(tmp_path, "{broken", "ds.json"))
+    with pytest.raises(ConfigError, match=r"ds.json: 'gradient_clipping' given twice in one object; keep one"):
+        load_ds_config(write(tmp_path, '{"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, '
+                                       '"gradient_clipping": 10.0}', "ds.json"))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is required"):
         load_ds_config(write(tmp_path, json.dumps({"train_batch_size": 8}), "ds.json"))
     with pytest.raises(ConfigError, match=r"ds.json: train_micro_batch_size_per_gpu must be a positive integer, "
@@ -297,3 +310,33 @@ def test_sgd_for_the_cnn_and_adamw_for_the_rest_match_plain_torch_step_for_step(
     state = engine.basic_optimizer.state_dict()["state"]
     assert {"momentum_buffer"} <= {k for s in state.values() for k in s} and {"exp_avg"} <= {k for s in
                                                                                               state.values() for k in s}
+
+
+def test_each_parts_rate_follows_the_schedule_times_its_multiplier(world_of_one):
+    """What the console and TensorBoard show as lr (the transformer's: train.lr's schedule) and the CNN's
+    and heads' rates beside it."""
+    from soho_ds.runtime.dist import init_distributed
+    from soho_ds.runtime.engine import build_engine, part_rates
+
+    class Parts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.backbone, self.model.fusion = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            self.head = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.head(self.model.fusion(self.model.backbone(x)))
+
+    init_distributed()
+    cfg = TrainConfig(lr=1.0, max_steps=4, warmup_steps=2, lr_decay="linear", cnn_lr_mult=10.0, head_lr_mult=5.0)
+    engine = build_engine(Parts(), cfg, {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                                         "zero_optimization": {"stage": 2}})
+    seen = []
+    for _ in range(3):
+        engine.backward(engine(torch.ones(1, 2)).sum())
+        engine.step()
+        seen.append(part_rates(engine))
+    assert seen == [pytest.approx({"cnn": 5.0, "transformer": 0.5, "head": 2.5}),
+                    pytest.approx({"cnn": 10.0, "transformer": 1.0, "head": 5.0}),
+                    pytest.approx({"cnn": 5.0, "transformer": 0.5, "head": 2.5})]

@@ -72,7 +72,8 @@ def test_tensorboard_has_every_training_scalar(two_rank_run):
     events = EventAccumulator(str(tmp / "run" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "acc/itm", "train/lr", "train/loss_scale",
+    for tag in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "acc/itm", "train/lr_transformer", "train/lr_cnn",
+                "train/lr_head", "train/loss_scale",
                 "train/grad_norm", "train/skipped_steps", "perf/img_per_s", "vd/usage", "vd/dead_entries",
                 "val/acc/itm"):
         assert tag in tags, (tag, sorted(tags))

@@ -315,6 +315,8 @@ def test_inputs_are_refused_before_any_model_is_built(tmp_path, world_of_one, me
     assert "model:" not in " ".join(messages.lines)  # refused before any model was built
     # --init from a checkpoint trained without pool_last, into a YAML that asks for it
     pretrain(tmp_path, data, 1, monkeypatch=monkeypatch)
+    assert "model.backbone_weights is null: the resnet18 starts from random weights" in messages  # said at start
+    assert "model.bert_dir is null: the transformer starts from random weights" in messages
     with pytest.raises(ConfigError, match=r"model\.pool_last is True but the checkpoint was trained with False"):
         finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", tmp_path / "nowhere", tmp_path / "ft", 2,
                             sets=["model.pool_last=true"], init=tmp_path / "run/checkpoints")

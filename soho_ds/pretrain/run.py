@@ -16,6 +16,17 @@ from soho_ds.runtime.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+def warn_about_random_start(cfg) -> None:
+    """SOHO starts from ImageNet ResNet weights and bert-base-uncased: a run without them says so."""
+    m = cfg.model
+    if m.backbone_weights is None:
+        log.warning("%s: model.backbone_weights is null: the %s starts from random weights (SOHO starts from "
+                    "torchvision's ImageNet weights: set it to their local .pth)", cfg.source, m.backbone)
+    if m.bert_dir is None:
+        log.warning("%s: model.bert_dir is null: the transformer starts from random weights (SOHO starts from "
+                    "bert-base-uncased: set it to a local folder with its config.json and weights)", cfg.source)
+
+
 def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> dict[str, float]:
     """`step_context`: see Trainer (the tests count what a step does through it)."""
     run = prepare(args, check=check_shards)
@@ -23,6 +34,7 @@ def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> d
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
     log.info("model: %s parameters, %s backbone, %d-layer transformer, K=%d", count_parameters(module),
              cfg.model.backbone, cfg.model.num_layers, cfg.model.vd_size)
+    warn_about_random_start(cfg)
     engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)
     seed_rank(cfg, dist_info)
     task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride)

@@ -27,8 +27,14 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 def load_ds_config(path: str | Path) -> dict:
     """Reads a DeepSpeed JSON config, refusing it with its file name if it is broken."""
     path = Path(path)
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if twice := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ConfigError(f"{path}: {', '.join(map(repr, twice))} given twice in one object; keep one")
+        return dict(pairs)
+
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(), object_pairs_hook=unique)
     except FileNotFoundError:
         raise ConfigError(f"{path}: DeepSpeed config not found") from None
     except json.JSONDecodeError as e:
@@ -149,6 +155,14 @@ def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
         out.append({"params": ps, "lr": cfg.lr * mult[part], "weight_decay": 0.0 if no_decay else decay,
                     "name": f"{part}{'_no_decay' if no_decay else ''}", "optimizer": "sgd" if sgd else "adamw"})
     return out
+
+
+def part_rates(engine) -> dict[str, float]:
+    """The current learning rate of each part `param_groups` names (cnn, transformer, head)."""
+    rates = {}
+    for group in engine.basic_optimizer.param_groups:
+        rates.setdefault(group.get("name", "all").removesuffix("_no_decay"), group["lr"])
+    return rates
 
 
 class SGDAdamW(torch.optim.Optimizer):

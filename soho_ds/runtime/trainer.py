@@ -31,7 +31,7 @@ import torch.distributed as dist
 from soho_ds.config import ReportedError, RunConfig
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, host_group
-from soho_ds.runtime.engine import cap_loss_scale, compute_dtype
+from soho_ds.runtime.engine import cap_loss_scale, compute_dtype, part_rates
 from soho_ds.runtime.log import RunLogger, format_eta
 from soho_ds.runtime.perf import FlopModel, device_memory_gib, device_peak_flops, host_name, resident_memory_gib
 
@@ -245,7 +245,8 @@ class Trainer:
         step_times = table["perf/step_s"]
         slowest = max(range(len(step_times)), key=lambda r: (step_times[r], table["perf/data_wait_s"][r]))
         values.update({
-            "train/lr": engine.get_lr()[0], "perf/img_per_s": images / elapsed,
+            **{f"train/lr_{part}": rate for part, rate in part_rates(engine).items()},
+            "perf/img_per_s": images / elapsed,
             "perf/data_wait_share": values["perf/data_wait_s"] / values["perf/step_s"],
             "perf/memory_gib_max": max(table["perf/memory_gib"]),
             "perf/step_s_max": step_times[slowest], "perf/step_s_median": statistics.median(step_times),
@@ -267,9 +268,13 @@ class Trainer:
         terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())
                           if k.startswith(("loss/", "acc/", "vd/usage")))
         mfu = f"  MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else ""
-        self.logger.info("step %d/%d  loss %.4f  %s  lr %.2e  %.1f img/s%s  data wait %.0f%%  padding %.0f%%  "
+        # the transformer's rate is train.lr's schedule; the CNN's and the heads' are shown where they differ
+        base = values.get("train/lr_transformer", next(v for k, v in values.items() if k.startswith("train/lr_")))
+        rates = f"lr {base:.2e}" + "".join(f" ({part} {values[f'train/lr_{part}']:.2e})" for part in ("cnn", "head")
+                                           if values.get(f"train/lr_{part}", base) != base)
+        self.logger.info("step %d/%d  loss %.4f  %s  %s  %.1f img/s%s  data wait %.0f%%  padding %.0f%%  "
                          "step %.3f s (slowest rank %d on %s %.3f s)  mem %.2f GiB  loss scale %g  eta %s",
-                         step, t.max_steps, values["loss"], terms, values["train/lr"], values["perf/img_per_s"], mfu,
+                         step, t.max_steps, values["loss"], terms, rates, values["perf/img_per_s"], mfu,
                          100 * values["perf/data_wait_share"], 100 * values["perf/padding"],
                          values["perf/step_s_median"], slowest, self.hosts[slowest], values["perf/step_s_max"],
                          values["perf/memory_gib_max"], values["train/loss_scale"], format_eta(eta))

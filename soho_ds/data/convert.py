@@ -2,8 +2,10 @@
 a manifest that accounts for every record.
 
 Records are cut into shards in their order (shard i holds records [i*S, (i+1)*S)), so a rerun
-makes the same shards: an interrupted conversion keeps every finished shard (listed in the
-manifest, with its checksum) and rewrites the partial one. Shards are written in parallel
+makes the same shards: it keeps every finished shard whose records are unchanged (listed in the
+manifest with a digest of its records and its checksum) and writes the partial, new or changed
+ones (lines appended to a TSV land in the last shard, which is rewritten). A key seen before is
+left out and counted; a lock keeps a second conversion out of the folder. Shards are written in parallel
 processes; each gets its DALI index from the shard checker (`shards.index_shard`), which decodes
 every image. The manifest records the counts per source, every record left out and why
 (excluded split, no caption, image missing or unreadable, and what the checker found), and each
@@ -37,21 +39,32 @@ class ConversionError(ReportedError, ValueError):
     """An output folder that holds another conversion, or unusable arguments."""
 
 
-def _image_bytes(image: str | bytes, max_side: int | None) -> tuple[bytes, int, int]:
-    """The image to store (re-encoded to JPEG when its longer side exceeds `max_side`) and its size."""
-    from PIL import Image
+# Formats stored as they are, under the member extension the shard reader takes (DALI decodes by
+# content); any other format PIL reads is re-encoded to JPEG.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def _image_bytes(image: str | bytes, max_side: int | None) -> tuple[bytes, str, int, int]:
+    """The image to store, its member extension and its size. Re-encoded to JPEG when its longer side
+    exceeds `max_side` or its format is not stored as is; re-encoding applies the EXIF orientation
+    first (the stored pixels then stand upright, as a decoder shows the original)."""
+    from PIL import Image, ImageOps
 
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
-        if max_side and max(w, h) > max_side:
-            scale = max_side / max(w, h)
-            small = im.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+        ext = STORED_FORMATS.get(im.format)
+        if ext is None or (max_side and max(w, h) > max_side):
+            upright = ImageOps.exif_transpose(im.convert("RGB"))
+            w, h = upright.size
+            scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
+            if scale < 1:
+                upright = upright.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
             buf = io.BytesIO()
-            small.save(buf, format="JPEG", quality=90)
-            return buf.getvalue(), small.width, small.height
+            upright.save(buf, format="JPEG", quality=90)
+            return buf.getvalue(), "jpg", upright.width, upright.height
         im.verify()  # a header PIL cannot follow is refused here; decoding is the checker's job
-    return data, w, h
+    return data, ext, w, h
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -60,36 +73,44 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, records: list[Record], max_side: int | None) -> dict:
+def write_shard(path: str, records: list[Record], max_side: int | None, records_digest: str = "") -> dict:
     """Writes one shard (via a temporary name), indexes it with the checker; returns its manifest entry."""
     from soho_ds.data.shards import index_shard
+
+    from PIL import Image
 
     final, tmp = Path(path), Path(path + ".tmp")
     dropped: list[dict] = []
     written = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for rec in records:
-            reason = rec.drop
-            if reason is None and rec.image is None:
-                reason = "no image"
-            if reason is None:
-                try:
-                    data, w, h = _image_bytes(rec.image, max_side)
-                except FileNotFoundError:
-                    reason = "image file missing"
-                except OSError as e:  # PIL's UnidentifiedImageError, truncated files, permissions
-                    reason = f"unreadable image ({type(e).__name__}: {str(e)[:120]})"
-            if reason is not None:
-                dropped.append({"key": rec.key, "reason": reason, **({"image": rec.image} if isinstance(
-                    rec.image, str) else {})})
-                continue
-            meta = {**rec.meta, "key": rec.key, "captions": rec.captions, "width": w, "height": h}
-            _add(tar, f"{rec.key}.jpg", data)
-            _add(tar, f"{rec.key}.json", json.dumps(meta).encode())
-            written += 1
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for rec in records:
+                reason = rec.drop
+                if reason is None and rec.image is None:
+                    reason = "no image"
+                if reason is None:
+                    try:
+                        data, ext, w, h = _image_bytes(rec.image, max_side)
+                    except FileNotFoundError:
+                        reason = "image file missing"
+                    except Image.DecompressionBombError as e:  # a header declaring billions of pixels
+                        reason = f"image too large ({str(e)[:160]})"
+                    except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, bad header
+                        reason = f"unreadable image ({type(e).__name__}: {str(e)[:120]})"
+                if reason is not None:
+                    dropped.append({"key": rec.key, "reason": reason, **_origin(rec)})
+                    continue
+                meta = {**rec.meta, "key": rec.key, "captions": rec.captions, "width": w, "height": h}
+                _add(tar, f"{rec.key}.{ext}", data)
+                _add(tar, f"{rec.key}.json", json.dumps(meta).encode())
+                written += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
+        raise
     if written == 0:
         tmp.unlink()
-        return {"name": final.name, "num_samples": 0, "records": len(records), "dropped": dropped, "empty": True}
+        return {"name": final.name, "num_samples": 0, "records": len(records), "dropped": dropped, "empty": True,
+                "records_digest": records_digest}
     os.replace(tmp, final)
     checked = index_shard(final)
     digest = hashlib.sha256()
@@ -98,13 +119,70 @@ def write_shard(path: str, records: list[Record], max_side: int | None) -> dict:
             digest.update(block)
     return {"name": final.name, "num_samples": written, "records": len(records), "dropped": dropped,
             "checked": {"kept": checked["kept"], "skipped": checked["skipped"]}, "sha256": digest.hexdigest(),
-            "bytes": final.stat().st_size}
+            "bytes": final.stat().st_size, "records_digest": records_digest}
+
+
+def _origin(rec: Record) -> dict:
+    """Where a record came from, for the manifest: its image path and its source file and line."""
+    out = {"image": rec.image} if isinstance(rec.image, str) else {}
+    return {**out, **{k: rec.meta[k] for k in ("file", "line") if k in rec.meta}}
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(records)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+def _unique_keys(records: Iterable[Record], per_shard: int) -> Iterator[Record]:
+    """`records` with every repeat of a key left out (dropped, so the manifest counts it): two samples
+    under one key would be one to the shard reader."""
+    first: dict[str, int] = {}
+    for n, rec in enumerate(records):
+        if rec.key in first:
+            m = first[rec.key]
+            rec.drop = rec.drop or f"duplicate key (first as record {m + 1}, in shard {m // per_shard:06d}.tar)"
+        else:
+            first[rec.key] = n
+        yield rec
+
+
+def _chunk_digest(chunk: list[Record]) -> str:
+    """What a shard was made from: a rerun rewrites a shard whose records changed (lines appended to
+    the input, files added) and keeps the others."""
+    digest = hashlib.sha256()
+    for r in chunk:
+        image = r.image if not isinstance(r.image, bytes) else hashlib.sha256(r.image).hexdigest()
+        digest.update(json.dumps([r.key, r.captions, image, r.drop, r.meta], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class _FolderLock:
+    """An exclusive lock on a conversion's output folder: a second conversion into it is refused."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".convert.lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConversionError(f"{self.path.parent}: another conversion is writing into this folder (lock "
+                                  f"{self.path} held by {holder}); wait for it to finish or choose another "
+                                  "--out") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
 
 
 def _load_manifest(out: Path, settings: dict) -> dict:
@@ -150,14 +228,21 @@ def _save_manifest(out: Path, manifest: dict) -> None:
 def write_shards(records: Iterable[Record], out: str | Path, settings: dict, samples_per_shard: int = 1000,
                  workers: int = 2, max_side: int | None = None, total: int | None = None, progress: bool = True
                  ) -> dict:
-    """Writes `records` as shards under `out` (resuming a conversion made with the same `settings`);
-    returns the manifest. `total` (records) sizes the progress bar."""
-    from tqdm import tqdm
-
+    """Writes `records` as shards under `out`; returns the manifest. Run again with the same `settings`,
+    it writes only the shards whose records are new or changed (an interrupted run, lines appended to
+    the input). One conversion at a time per folder. `total` (records) sizes the progress bar."""
     out = Path(out)
     settings = {**settings, "samples_per_shard": samples_per_shard, "max_side": max_side}
-    manifest = _load_manifest(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    with _FolderLock(out):
+        return _write_shards(records, out, settings, samples_per_shard, workers, max_side, total, progress)
+
+
+def _write_shards(records, out: Path, settings: dict, samples_per_shard: int, workers: int, max_side: int | None,
+                  total: int | None, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    manifest = _load_manifest(out, settings)
     done = {s["name"]: s for s in manifest["shards"]
             if s.get("empty") or ((out / s["name"]).exists() and (out / s["name"]).stat().st_size == s["bytes"])}
     manifest["shards"] = list(done.values())
@@ -167,14 +252,16 @@ def write_shards(records: Iterable[Record], out: str | Path, settings: dict, sam
     t0 = time.time()
     with ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool:
         pending = {}
-        for i, chunk in enumerate(_chunks(records, samples_per_shard)):
-            name = f"{i:06d}.tar"
-            if name in done:
+        for i, chunk in enumerate(_chunks(_unique_keys(records, samples_per_shard), samples_per_shard)):
+            name, digest = f"{i:06d}.tar", _chunk_digest(chunk)
+            if name in done and done[name].get("records_digest") == digest:
                 bar.update(len(chunk))
                 continue
+            if name in done:  # its records changed since (e.g. lines appended): written again
+                manifest["shards"].remove(done.pop(name))
             for stale in (out / name, out / f"{i:06d}.idx", out / f"{i:06d}.idx.json"):
                 stale.unlink(missing_ok=True)  # written but not recorded: rewritten
-            pending[pool.submit(write_shard, str(out / name), chunk, max_side)] = len(chunk)
+            pending[pool.submit(write_shard, str(out / name), chunk, max_side, digest)] = len(chunk)
             while len(pending) >= 2 * max(1, workers):  # bounded: records wait in memory, not all of them
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:

@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -137,8 +138,9 @@ def test_the_checker_reports_every_bad_shard_and_sample_and_indexes_the_rest(tmp
     assert cut_record["truncated"] and cut_record["kept"] == 5
     assert "cut short" in proc.stderr and "not indexed" in proc.stderr and "b1" in proc.stderr
     assert "images/s" in proc.stderr and not list(data.glob("*.tmp"))
-    with pytest.raises(ShardError, match=r"(?s)2 of 5 shards cannot be trusted:.*000003\.tar: not a readable tar.*"
-                                         r"Fix: python tools/index_shards\.py"):
+    with pytest.raises(ShardError, match=r"(?s)2 of 5 shards hold no usable sample:.*000003\.tar: the file is empty "
+                                         r"\(0 bytes\).*000004\.tar: not a readable tar.*Fix: convert them again, "
+                                         r"or move them out of the shard folder"):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
 
 
@@ -150,15 +152,71 @@ def test_the_loader_refuses_a_partly_indexed_a_stale_or_a_short_set(tmp_path):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
     (data / "000002.tar").unlink()
     raw = (data / "000001.tar").read_bytes()
-    (data / "000001.tar").write_bytes(raw)  # rewritten after indexing: new mtime
-    with pytest.raises(ShardError, match=r"000001\.tar: the tar changed after it was indexed \(stale index\)"):
+    (data / "000001.tar").write_bytes(raw)  # the same bytes written again (a copy): new mtime, still trusted
+    ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    before = (data / "000001.tar").stat()
+    with tarfile.open(data / "000001.tar") as tar:  # two samples' images swapped: same size, other content
+        first, second = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:2]
+    swapped = bytearray(raw)
+    size = min(first.size, second.size)
+    swapped[first.offset_data:first.offset_data + size] = raw[second.offset_data:second.offset_data + size]
+    (data / "000001.tar").write_bytes(bytes(swapped))
+    os.utime(data / "000001.tar", ns=(before.st_atime_ns, before.st_mtime_ns))  # and its mtime put back
+    with pytest.raises(ShardError, match=r"000001\.tar: the tar changed after it was indexed \(its size or content "
+                                         r"differs\)"):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    (data / "000001.tar").write_bytes(raw)
     with tarfile.open(data / "000001.tar") as tar:  # cut short and indexed again: fewer than the manifest says
         cut = tar.getmembers()[-4].offset
     (data / "000001.tar").write_bytes(raw[:cut])
     index_shards(str(data))
     with pytest.raises(ShardError, match=r"000001\.tar: 7 samples, the manifest records 8"):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+
+
+def test_shards_copied_with_new_mtimes_stay_trusted_and_resume_keeps_the_data_position(tmp_path):
+    data = shards(tmp_path / "data", n_tars=2)
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy, copy_function=shutil.copy)  # cp -r: contents kept, mtimes new
+    assert all((copy / p.name).stat().st_mtime_ns != p.stat().st_mtime_ns for p in data.glob("*.tar"))
+    from soho_ds.data.shards import list_shards, shard_fingerprint
+
+    assert shard_fingerprint(list_shards(str(copy))) == shard_fingerprint(list_shards(str(data)))
+    loader = ShardLoader(str(copy), 4, SPEC, train=False, num_threads=1)
+    assert sum(len(b.metas) for b in loader.epochs()) == 16
+
+
+def test_files_that_cannot_be_read_at_all_are_named_with_a_fix_that_can_help(tmp_path):
+    data = shards(tmp_path / "data", n_tars=2)
+    (data / "000002.tar").symlink_to(tmp_path / "elsewhere/000002.tar")
+    (data / "000003.tar").mkdir()
+    with pytest.raises(ShardError, match=r"(?s)2 of 4 shards cannot be read at all \(indexing again cannot help\):"
+                                         r".*000002\.tar: a symbolic link to .*elsewhere/000002\.tar, which does not "
+                                         r"exist.*000003\.tar: not a regular file.*Fix: restore these files, or move "
+                                         r"them out of the shard folder"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+
+
+def test_repeated_sample_keys_are_left_out_and_counted_inside_a_tar_and_across_shards(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tar(data / "000000.tar", {"a0": good("a0"), "a1": good("a1")})
+    with tarfile.open(data / "000000.tar", "a") as tar:  # a second a0 after a1 (tar append)
+        for ext, blob in good("a0", colour=(0, 0, 250)).items():
+            info = tarfile.TarInfo(f"a0.{ext}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    write_tar(data / "000001.tar", {"b0": good("b0"), "a1": good("a1"), "b1": good("b1")})
+    report = index_shards(str(data))
+    assert report["kept"] == 4 and report["skipped"] == 2
+    assert report["duplicates"] == [(str(data / "000001.tar"), "a1", str(data / "000000.tar"))]
+    assert read_record(data / "000000.tar")["skipped"] == [
+        {"key": "a0", "reason": "duplicate key (an earlier sample of this tar has it)"}]
+    assert read_record(data / "000001.tar")["skipped"] == [
+        {"key": "a1", "reason": f"duplicate key (also in {data / '000000.tar'})"}]
+    loader = ShardLoader(str(data), 2, SPEC, train=False, num_threads=1)
+    keys = [m["key"] for b in loader.epochs() for m in b.metas]
+    assert sorted(keys) == ["a0", "a1", "b0", "b1"]
 
 
 def test_an_error_in_a_later_shard_names_that_shard_and_the_key(tmp_path):

@@ -13,6 +13,7 @@ its record, naming the shards and the command that fixes them.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -41,16 +42,36 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
     paths: list[str] = []
     for part in (p.strip() for s in parts for p in s.split(",") if p.strip()):
         if Path(part).is_dir():
+            if not os.access(part, os.R_OK | os.X_OK):
+                raise ShardError(f"{part}: the folder cannot be listed (permission denied): give this user read "
+                                 "access to it")
             paths += sorted(str(p) for p in Path(part).glob("*.tar"))
         elif any(c in part for c in "*?["):
             paths += sorted(glob.glob(part))
-        elif Path(part).is_file():
+        elif Path(part).exists() or Path(part).is_symlink():
             paths.append(part)
         else:
             raise FileNotFoundError(f"shard path does not exist: {part}")
     if not paths:
         raise FileNotFoundError(f"no .tar shards found for {spec!r}")
+    unusable = [problem for p in paths if (problem := _unusable(p))]
+    if unusable:
+        raise ShardError(f"{len(unusable)} of {len(paths)} shards cannot be read at all (indexing again cannot "
+                         "help):\n  " + "\n  ".join(unusable[:10]) + "\nFix: restore these files, or move them out "
+                         "of the shard folder")
     return paths
+
+
+def _unusable(path: str) -> str | None:
+    """Why `path` cannot be read as a file at all, or None."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+    if not p.is_file():
+        return f"{path}: not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"{path}: not readable by this user (permission denied)"
+    return None
 
 
 def decode_meta(padded: bytes, where: str = "sample") -> dict:
@@ -77,6 +98,42 @@ def record_path(tar: str | Path) -> Path:
 def tar_stamp(tar: str | Path) -> dict:
     st = os.stat(tar)
     return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+
+
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12
+
+
+def content_fingerprint(tar: str | Path) -> str:
+    """sha256 of a tar's size and content: of the whole file up to 64 KiB, else of 16 blocks of 4 KiB
+    spread evenly over it, the first and the last included. Survives a copy (mtimes change) and
+    catches a rewrite behind the index (tar headers and image bytes move) while reading 64 KiB a
+    shard at each start."""
+    size = os.stat(tar).st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(tar, "rb") as f:
+        if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+            digest.update(f.read())
+        else:
+            last = size - FINGERPRINT_BLOCK
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(last * i // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def _stamp(tar: str | Path) -> dict:
+    """What an index record says of the tar it was built from."""
+    return {**tar_stamp(tar), "fingerprint": content_fingerprint(tar)}
+
+
+def _matches(record: dict, tar: str) -> bool:
+    """Whether `tar` is the file `record` was built from: same size and content fingerprint (records
+    from before fingerprints: same size and mtime)."""
+    if record.get("tar_size") != os.stat(tar).st_size:
+        return False
+    if "fingerprint" in record:
+        return record["fingerprint"] == content_fingerprint(tar)
+    return record.get("tar_mtime_ns") == os.stat(tar).st_mtime_ns
 
 
 def read_record(tar: str | Path) -> dict | None:
@@ -184,19 +241,21 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
     read at all gets a record with an "error" and no index."""
     tar = Path(tar)
     idx, rec = index_path(tar), record_path(tar)
-    stamp = tar_stamp(tar)
+    stamp = _stamp(tar)
     try:
         samples, ends_properly = _tar_members(tar)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         idx.unlink(missing_ok=True)
-        record = {"version": INDEX_VERSION, **stamp, "error": f"not a readable tar with samples ({e})",
+        why = "the file is empty (0 bytes)" if stamp["tar_size"] == 0 else f"not a readable tar with samples ({e})"
+        record = {"version": INDEX_VERSION, **stamp, "error": why,
                   "kept": 0, "skipped": [], "lost": []}
         _write_atomically(rec, json.dumps(record, indent=1))
         return record
     checker = checker or ImageChecker()
     size = stamp["tar_size"]
-    kept, sizes, skipped, lost = [], [], [], []
+    kept, sizes, keys, skipped, lost = [], [], [], [], []
     candidates = []  # (key, members, image bytes)
+    seen: set[str] = set()
     with open(tar, "rb") as f:
         def read(member):
             _, off, sz, _ = member
@@ -212,7 +271,9 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
                 continue
             image_ext = next((e for e in IMAGE_EXTS if e in by_ext), None)
             reason = None
-            if image_ext is None:
+            if key in seen:
+                reason = "duplicate key (an earlier sample of this tar has it)"
+            elif image_ext is None:
                 reason = f"no image member ({'/'.join(IMAGE_EXTS)})"
             elif "json" not in by_ext:
                 reason = "no .json member"
@@ -221,6 +282,7 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
                     decode_meta(read(by_ext["json"]), f"{tar}:{key}")
                 except ValueError as e:
                     reason = str(e).split(": ", 1)[-1]
+            seen.add(key)
             if reason:
                 skipped.append({"key": key, "reason": reason})
             else:
@@ -231,11 +293,12 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
         else:
             kept.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in members))
             sizes.append(list(result))
+            keys.append(key)
     if not ends_properly:
         lost.append({"key": None, "reason": "no end-of-archive marker: the tar was cut short; samples written "
                                             "after the last complete one are lost"})
     record = {"version": INDEX_VERSION, **stamp, "kept": len(kept), "skipped": skipped, "lost": lost,
-              "truncated": not ends_properly, "sizes": sizes}
+              "truncated": not ends_properly, "sizes": sizes, "keys": keys}
     if not kept:
         idx.unlink(missing_ok=True)
         record["error"] = "no sample passed the checks"
@@ -295,7 +358,41 @@ def index_shards(spec: str | Iterable[str], workers: int = 1, progress: bool = F
                 add(*future.result())
     if bar is not None:
         bar.close()
+    report["duplicates"] = _leave_out_repeated_keys(paths)
+    report["skipped"] += len(report["duplicates"])
+    report["kept"] -= len(report["duplicates"])
+    for tar, key, first in report["duplicates"]:
+        report["shards"].setdefault(tar, {"skipped": [], "lost": []})["skipped"].append(
+            {"key": key, "reason": f"duplicate key (also in {first})"})
     return report
+
+
+def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
+    """Leaves out of its index every sample whose key an earlier shard of `paths` already holds;
+    returns (shard, key, the shard that has it first) of each."""
+    first: dict[str, str] = {}
+    repeated = []
+    for tar in paths:
+        record = read_record(tar)
+        if not record or record.get("error") or "keys" not in record:
+            continue
+        drop = [i for i, key in enumerate(record["keys"]) if first.setdefault(key, tar) != tar]
+        if not drop:
+            continue
+        lines = index_path(tar).read_text().splitlines()[1:]
+        keep = [i for i in range(len(record["keys"])) if i not in set(drop)]
+        for i in drop:
+            key = record["keys"][i]
+            repeated.append((tar, key, first[key]))
+            record["skipped"].append({"key": key, "reason": f"duplicate key (also in {first[key]})"})
+        record.update(kept=len(keep), sizes=[record["sizes"][i] for i in keep], keys=[record["keys"][i] for i in keep])
+        if keep:
+            _write_atomically(index_path(tar), f"v1.2 {len(keep)}\n" + "\n".join(lines[i] for i in keep) + "\n")
+        else:
+            index_path(tar).unlink(missing_ok=True)
+            record["error"] = "no sample passed the checks"
+        _write_atomically(record_path(tar), json.dumps(record))
+    return repeated
 
 
 # --- the loader's side ---------------------------------------------------------------------------
@@ -311,17 +408,17 @@ def trusted_index_paths(paths: list[str]) -> list[str] | None:
     indexed = [p for p in paths if index_path(p).exists() or record_path(p).exists()]
     if not indexed:
         return None
-    problems = []
+    problems, broken = [], []
     for p in paths:
         record = read_record(p)
         if record is None:
             problems.append(f"{p}: no index")
-        elif record.get("error"):
-            problems.append(f"{p}: {record['error']}")
+        elif record.get("error") and _matches(record, p):
+            broken.append(f"{p}: {record['error']}")  # the tar itself is the problem: indexing again cannot help
         elif record.get("version") != INDEX_VERSION:
             problems.append(f"{p}: index written by another version of the checker")
-        elif record.get("tar_size") != os.stat(p).st_size or record.get("tar_mtime_ns") != os.stat(p).st_mtime_ns:
-            problems.append(f"{p}: the tar changed after it was indexed (stale index)")
+        elif not _matches(record, p):
+            problems.append(f"{p}: the tar changed after it was indexed (its size or content differs)")
         elif not index_path(p).exists():
             problems.append(f"{p}: its index file is missing")
         else:
@@ -330,6 +427,9 @@ def trusted_index_paths(paths: list[str]) -> list[str] | None:
                 n = sum(1 for _ in f)
             if len(header) != 2 or int(header[1]) != n or n != record["kept"]:
                 problems.append(f"{p}: the index lists {n} samples but its record says {record['kept']}")
+    if broken:
+        raise ShardError(f"{len(broken)} of {len(paths)} shards hold no usable sample:\n  " + "\n  ".join(broken[:10])
+                         + "\nFix: convert them again, or move them out of the shard folder")
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ShardError(f"{len(problems)} of {len(paths)} shards cannot be trusted:\n  {shown}\n"
@@ -394,9 +494,11 @@ def summarise_losses(paths: list[str]) -> str | None:
 
 
 def shard_fingerprint(paths: list[str]) -> list:
-    """What a run's data positions refer to: each tar's name, size and mtime, and its index's count."""
+    """What a run's data positions refer to: each tar's name, size and content fingerprint (mtime for
+    records without one), and its index's count."""
     out = []
     for p in paths:
         record = read_record(p) or {}
-        out.append([Path(p).name, *tar_stamp(p).values(), record.get("kept")])
+        out.append([Path(p).name, os.stat(p).st_size, record.get("fingerprint") or os.stat(p).st_mtime_ns,
+                    record.get("kept")])
     return out

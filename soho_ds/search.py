@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from soho_ds.data.pipeline import orientation_order
+from soho_ds.data.pipeline import SampleDecodeError, orientation_order
 from soho_ds.inference import SohoPredictor
 from soho_ds.models.soho import VisualTokens
 
@@ -39,40 +39,79 @@ class ImageIndex:
         self.cache = Path(cache) if cache else self.folder / ".soho_ds_cache" / "visual_tokens.pt"
         self.model_id = model_id
         self.entries: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}  # image -> why it cannot be searched (unreadable, does not decode)
         self.itc = getattr(model.module, "itc_head", None)
 
     def _stamp(self, path: str) -> tuple[int, int]:
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns
 
+    def _unreadable(self, path: str) -> str | None:
+        """Why `path` cannot be an image to search (read from its header only), or None."""
+        from PIL import Image
+
+        try:
+            if os.path.getsize(path) == 0:
+                return "empty file"
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return f"{type(e).__name__}: {str(e)[:120]}"
+        return None
+
     def build(self, progress: bool = True) -> int:
-        """Encodes the images that the cache lacks (or that changed); returns how many were encoded."""
+        """Encodes the images that the cache lacks (or that changed); returns how many were encoded.
+        Images that cannot be read or decoded are left out and listed in `skipped`."""
         from tqdm import tqdm
 
         if self.cache.is_file():
-            saved = torch.load(self.cache, weights_only=False)
+            saved = torch.load(self.cache, weights_only=True)  # a file in the user's folder: no pickled code
             if saved.get("model") == self.model_id:
                 self.entries = saved["entries"]
-        todo = [p for p in self.paths if p not in self.entries or self.entries[p]["stamp"] != self._stamp(p)]
+        todo = [p for p in self.paths if p not in self.entries or tuple(self.entries[p]["stamp"]) != self._stamp(p)]
         present = set(self.paths)
         self.entries = {p: e for p, e in self.entries.items() if p in present}
+        for p in todo:
+            if (why := self._unreadable(p)) is not None:
+                self.skipped[p] = why
+        todo = [p for p in todo if p not in self.skipped]
         todo = [todo[i] for i in orientation_order(todo)]  # landscape and portrait batches: little padding
-        chunks = [todo[s:s + self.model.batch_size] for s in range(0, len(todo), self.model.batch_size)]
+        encoded: set[str] = set()
         with tqdm(total=len(todo), unit="image", desc="encoding images", disable=not progress or not todo) as bar:
-            for chunk, visual in zip(chunks, self.model.encode_image_batches(chunks)):
-                itc = self.itc.embed_image(visual.tokens, visual.valid) if self.itc is not None else None
-                for i, p in enumerate(chunk):
-                    keep = visual.valid[i]
-                    self.entries[p] = {"stamp": self._stamp(p), "tokens": visual.tokens[i][keep].cpu(),
-                                       "position": visual.position[i][keep].cpu(),
-                                       "itc": None if itc is None else itc[i].cpu()}
-                bar.update(len(chunk))
-        if todo:
+            rest = todo
+            while rest:
+                try:
+                    self._encode(rest, encoded, bar)
+                except SampleDecodeError as e:  # a file whose header reads but whose data does not decode
+                    if not e.images:
+                        raise
+                    self.skipped.update(e.images)
+                    bar.update(len(e.images))
+                rest = [p for p in todo if p not in encoded and p not in self.skipped]
+        if self.skipped:
+            log.warning("%d images left out of the search (cannot be read or decoded); first: %s", len(self.skipped),
+                        "; ".join(f"{p} ({why})" for p, why in list(self.skipped.items())[:3]))
+        self.paths = [p for p in self.paths if p not in self.skipped]
+        if not self.paths:
+            raise FileNotFoundError(f"{self.folder}: none of its images can be read or decoded")
+        if encoded:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache.with_suffix(".tmp")
             torch.save({"model": self.model_id, "entries": self.entries}, tmp)
             os.replace(tmp, self.cache)
-        return len(todo)
+        return len(encoded)
+
+    def _encode(self, todo: list[str], encoded: set[str], bar) -> None:
+        chunks = [todo[s:s + self.model.batch_size] for s in range(0, len(todo), self.model.batch_size)]
+        for chunk, visual in zip(chunks, self.model.encode_image_batches(chunks)):
+            itc = self.itc.embed_image(visual.tokens, visual.valid) if self.itc is not None else None
+            for i, p in enumerate(chunk):
+                keep = visual.valid[i]
+                self.entries[p] = {"stamp": self._stamp(p), "tokens": visual.tokens[i][keep].cpu(),
+                                   "position": visual.position[i][keep].cpu(),
+                                   "itc": None if itc is None else itc[i].cpu()}
+                encoded.add(p)
+            bar.update(len(chunk))
 
     def _visual(self, paths: list[str]) -> VisualTokens:
         """Cached tokens of `paths`, padded to one length; padding is invalid, as in a batch of images."""

@@ -32,6 +32,10 @@ def main() -> None:
     index = ImageIndex(model, a.images, a.cache, model_id)
     encoded = index.build()
     print(f"{len(index.paths)} images ({encoded} encoded now, the rest from the cache {index.cache})")
+    if index.skipped:
+        print(f"{len(index.skipped)} images left out (cannot be read or decoded):")
+        for path, why in index.skipped.items():
+            print(f"  {path}: {why}")
     for query in a.queries:
         t0 = time.perf_counter()
         hits = index.search(query, a.top, a.first_stage)

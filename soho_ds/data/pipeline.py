@@ -61,7 +61,12 @@ class ImageSpec:
 
 
 class SampleDecodeError(ReportedError, RuntimeError):
-    """DALI could not decode a sample at run time; names it and the way out."""
+    """DALI could not decode a sample at run time; names it and the way out (`images`: the image files
+    of a request that do not decode and why, where the file decoder found them)."""
+
+    def __init__(self, message: str, images: dict[str, str] | None = None):
+        super().__init__(message)
+        self.images = images or {}
 
 
 def _resize_aspect(images, spec: ImageSpec, train: bool):
@@ -479,9 +484,10 @@ class ImageFileDecoder:
     def _decode_error(self, error: RuntimeError) -> SampleDecodeError:
         """Names the images of the failed request that do not decode alone."""
         names, encoded = self._pending.popleft() if self._pending else ([], [])
-        bad = [n for n, r in zip(names, ImageChecker()([c.tobytes() for c in encoded])) if isinstance(r, str)]
-        return SampleDecodeError(f"cannot decode image(s) {', '.join(bad or names[:1]) or '?'}: "
-                                 f"{str(error).splitlines()[-1] if str(error) else error}")
+        last = str(error).splitlines()[-1] if str(error) else repr(error)
+        bad = {n: r for n, r in zip(names, ImageChecker()([c.tobytes() for c in encoded])) if isinstance(r, str)}
+        return SampleDecodeError(f"cannot decode image(s) {', '.join(bad or names[:1]) or '?'}: {last}",
+                                 bad or {n: last for n in names[:1]})
 
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Paths (or (name, bytes) pairs), any number -> (len, 3, H, W) padded, (len, 2) valid sizes."""

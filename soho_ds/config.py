@@ -372,6 +372,8 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{cfg.source}: {key} {msg}")
+    if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        raise ConfigError(f"{cfg.source}: train.output_dir {t.output_dir} is a file, not a folder: choose a folder")
     k = cfg.task
     if k.name and (not k.eval_file or not k.image_root):
         raise ConfigError(f"{cfg.source}: task.eval_file and task.image_root are required")

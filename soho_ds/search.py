@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from soho_ds.config import ReportedError
 from soho_ds.data.pipeline import SampleDecodeError, orientation_order
 from soho_ds.inference import SohoPredictor
 from soho_ds.models.soho import VisualTokens
@@ -21,6 +22,10 @@ from soho_ds.models.soho import VisualTokens
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class SearchError(ReportedError, ValueError):
+    """A search that cannot run as asked, naming the option."""
 
 
 @dataclass
@@ -35,7 +40,7 @@ class ImageIndex:
         self.model, self.folder = model, Path(folder)
         self.paths = sorted(str(p) for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise SearchError(f"--images {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or below")
         self.cache = Path(cache) if cache else self.folder / ".soho_ds_cache" / "visual_tokens.pt"
         self.model_id = model_id
         self.entries: dict[str, dict] = {}
@@ -93,7 +98,7 @@ class ImageIndex:
                         "; ".join(f"{p} ({why})" for p, why in list(self.skipped.items())[:3]))
         self.paths = [p for p in self.paths if p not in self.skipped]
         if not self.paths:
-            raise FileNotFoundError(f"{self.folder}: none of its images can be read or decoded")
+            raise SearchError(f"--images {self.folder}: none of its images can be read or decoded")
         if encoded:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache.with_suffix(".tmp")
@@ -143,8 +148,8 @@ class ImageIndex:
     @torch.no_grad()
     def itc_scores(self, query: str) -> torch.Tensor:
         if self.itc is None:
-            raise ValueError("this model has no ITC projections (pretrain.itc_weight was 0): no first stage; "
-                             "rank with the ITM head alone")
+            raise SearchError("--first-stage: this model has no ITC projections (it was pretrained with "
+                              "pretrain.itc_weight 0): leave --first-stage out to rank with the ITM head alone")
         text = self.model.tokenize([query])
         vector = self.itc.embed_text(self.model.soho.encode_text(text["input_ids"], text["attention_mask"]))[0]
         return torch.stack([self.entries[p]["itc"] for p in self.paths]) @ vector.cpu()

@@ -149,7 +149,8 @@ def test_retrieve_tool_ranks_ones_own_images_and_caches_their_tokens(grounded, g
     (folder / "cut.jpg").write_bytes(whole[:len(whole) // 2])  # its header reads; its data does not decode
     third = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-2000:]
-    assert "20 images (0 encoded now" in third.stdout and "3 images left out (cannot be read or decoded):" in third.stdout
+    assert "20 images (0 encoded now" in third.stdout
+    assert "3 images left out (cannot be read or decoded):" in third.stdout
     assert f"{folder / 'empty.png'}: empty file" in third.stdout
     assert f"{folder / 'garbage.jpg'}: UnidentifiedImageError" in third.stdout
     assert f"{folder / 'cut.jpg'}: does not decode" in third.stdout

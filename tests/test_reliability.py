@@ -225,7 +225,9 @@ def test_an_error_in_a_later_shard_names_that_shard_and_the_key(tmp_path):
     write_tar(data / "000000.tar", {f"a{i}": good(f"a{i}") for i in range(4)})
     write_tar(data / "000001.tar", {"b0": good("b0"), "b1": {**good("b1"), "json": b'{"captions": []}'}})
     loader = ShardLoader(str(data), 3, SPEC, train=False, num_threads=1)  # not indexed: nothing was checked
-    with pytest.raises(ValueError, match=r"000001\.tar:\d+:b1: JSON member has no non-empty 'captions'"):
+    with pytest.raises(ShardError, match=r"000001\.tar:\d+:b1: JSON member has no non-empty 'captions'.*Fix: "
+                                         r"python tools/index_shards\.py .* leaves such ones out, then restart with "
+                                         r"--resume"):
         list(loader.epochs())
 
 
@@ -393,7 +395,8 @@ def test_splits_emptied_by_skipping_or_too_small_for_the_ranks_are_refused_befor
                                          "sentence2": "there is a shape", "pairID": f"p{i}"}) for i in range(3)))
     with pytest.raises(AnnotationError, match=rf"{dev}: no evaluation example is left .*task\.image_root"):
         finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", downstream, tmp_path / "snli", steps=2,
-                            sets=TINY_MODEL + ["task.missing_images=skip", f"task.eval_file={dev}", "train.warmup_steps=0"])
+                            sets=TINY_MODEL + ["task.missing_images=skip", f"task.eval_file={dev}",
+                                               "train.warmup_steps=0"])
     questions = json.loads((downstream / "vqa/questions_train.json").read_text())
     questions["questions"] = questions["questions"][:5]
     few = tmp_path / "questions_train.json"
@@ -427,7 +430,8 @@ def test_a_disk_that_fills_during_a_checkpoint_leaves_the_last_complete_one_and_
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*/run/checkpoints/step_00000004 \(1 rank"
-                                              r"\(s\) failed; .*step_00000004\.partial.*unexpected pos 2496 vs 2390'?\); "
+                                              r"\(s\) failed; .*step_00000004\.partial.*unexpected pos 2496 vs "
+                                              r"2390'?\); "
                                               r"[\d.]+ GiB free on .*last complete checkpoint is step_00000002"):
         pretrain(tmp_path, data, 4, sets=["train.save_every=2"], monkeypatch=monkeypatch)
     ckpt = tmp_path / "run/checkpoints"
@@ -462,3 +466,44 @@ def test_sigterm_during_the_final_checkpoint_finishes_it_and_says_so(tmp_path, w
     assert {p.name for p in (ckpt / "step_00000003").iterdir()} >= {"meta.json", "run_config.yaml", "rank_00000.pt"}
     assert ("SIGTERM arrived during the final evaluation or save: the run had finished and its last checkpoint "
             "step_00000003 is complete") in messages
+
+
+def test_weights_and_settings_that_do_not_fit_end_in_one_line_naming_the_setting(downstream, tmp_path, world_of_one):
+    import torchvision
+
+    from conftest import tiny_model_config
+    from soho_ds.config import PretrainConfig, RunConfig, SemanticConfig, load_config
+    from soho_ds.inference import SohoPredictor
+    from soho_ds.models.backbone import ResNetBackbone
+    from soho_ds.models.soho import SohoModel
+    from soho_ds.models.weights import WeightsError
+    from soho_ds.pretrain.model import SohoPretrainer
+    from soho_ds.search import ImageIndex, SearchError
+
+    torchvision_pt = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), torchvision_pt)
+    with pytest.raises(WeightsError, match=rf"--init {torchvision_pt}: not a soho-ds checkpoint \(no model\.\* "
+                                           r"weights\); it looks like a torchvision ResNet .*give it as model\.backbone_weights"):
+        finetune_in_process("snli_ve", "finetune_snli_ve_synthetic.yaml", downstream, tmp_path / "ft", steps=2,
+                            sets=TINY_MODEL + ["train.warmup_steps=0"], init=torchvision_pt)
+    soho_pt = tmp_path / "soho.pt"
+    torch.save({f"model.{k}": v for k, v in SohoModel(tiny_model_config()).state_dict().items()}, soho_pt)
+    with pytest.raises(WeightsError, match=rf"model\.backbone_weights \({soho_pt}\): none of its \d+ weights belongs "
+                                           r"to this model; it looks like a soho-ds model .*start from it with --init"):
+        ResNetBackbone(name="resnet18", weights_path=str(soho_pt))
+    (tmp_path / "pickled.pt").write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match=r"model\.backbone_weights: .*pickled\.pt is not a plain torch state dict"):
+        ResNetBackbone(name="resnet18", weights_path=str(tmp_path / "pickled.pt"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"train\.output_dir .*a_file is a file, not a folder: choose a folder"):
+        load_config(ROOT / "configs/pretrain_synthetic.yaml", TINY_MODEL + [f"train.output_dir={tmp_path / 'a_file'}"])
+    cfg = RunConfig(model=tiny_model_config())
+    no_itc = SohoPredictor(SohoPretrainer(cfg.model, PretrainConfig(itc_weight=0.0), SemanticConfig()), cfg,
+                           "pretrain")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos/a.jpg")
+    with pytest.raises(SearchError, match=r"--first-stage: this model has no ITC projections"):
+        ImageIndex(no_itc, tmp_path / "photos").itc_scores("a dog")
+    with pytest.raises(SearchError, match=r"--images .*empty: no images \(\.jpg"):
+        (tmp_path / "empty").mkdir()
+        ImageIndex(no_itc, tmp_path / "empty")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import soho_ds
+from soho_ds.config import ReportedError
 from soho_ds.search import ImageIndex
 
 
@@ -27,9 +28,20 @@ def main() -> None:
     p.add_argument("queries", nargs="+")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        search(a)
+    except ReportedError as e:
+        raise SystemExit(f"error: {e}") from None
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --model: {e}") from None
+
+
+def search(a: argparse.Namespace) -> None:
     model = soho_ds.load_model(a.model, a.device)
     model_id = f"{Path(a.model).resolve()}:{Path(a.model).stat().st_mtime_ns}"
     index = ImageIndex(model, a.images, a.cache, model_id)
+    if a.first_stage and index.itc is None:
+        index.itc_scores("")  # refuses, naming the option, before any image is encoded
     encoded = index.build()
     print(f"{len(index.paths)} images ({encoded} encoded now, the rest from the cache {index.cache})")
     if index.skipped:

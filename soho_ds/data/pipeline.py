@@ -30,8 +30,8 @@ from nvidia.dali.tensors import TensorGPU
 
 from soho_ds.config import DataConfig, ReportedError
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
-from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, check_manifest, decode_meta, fix_command, list_shards,
-                                 sample_sizes, summarise_losses, trusted_index_paths)
+from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, check_manifest, decode_meta, fix_command,
+                                 list_shards, sample_sizes, summarise_losses, trusted_index_paths)
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,12 @@ class ShardLoader:
 
     def _convert(self, out: dict) -> ImageTextBatch:
         sources = _strings(out["source"].numpy())
-        metas = [decode_meta(row.tobytes(), src.rsplit(".", 1)[0] or f"sample {i}")
-                 for i, (row, src) in enumerate(zip(out["meta"].numpy(), sources))]
+        try:
+            metas = [decode_meta(row.tobytes(), src.rsplit(".", 1)[0] or f"sample {i}")
+                     for i, (row, src) in enumerate(zip(out["meta"].numpy(), sources))]
+        except ValueError as e:  # unindexed shards: nothing was checked before training
+            raise ShardError(f"{e}. Fix: {fix_command(self.paths)} checks every sample and leaves such ones out, "
+                             "then restart with --resume") from None
         sizes = out["sizes"].cpu().long()
         if self.regions is None:
             return ImageTextBatch(out["images"], sizes, metas, sources)

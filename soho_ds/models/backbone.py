@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from soho_ds.config import BACKBONE_NORMS, BACKBONES
 from soho_ds.models.norm import BatchNorm2d, FrozenBatchNorm2d
-from soho_ds.models.weights import load_checked
+from soho_ds.models.weights import load_checked, read_state_dict
 
 
 class ResNetBackbone(nn.Module):
@@ -31,8 +31,8 @@ class ResNetBackbone(nn.Module):
         self.out_channels = net.fc.in_features
         net.fc = nn.Identity()  # the trunk only: any classifier in the file (ImageNet's 1000 classes) is skipped
         if weights_path:
-            load_checked(net, torch.load(weights_path, map_location="cpu", weights_only=True), weights_path,
-                         ignore_prefixes=("fc.",))
+            load_checked(net, read_state_dict(weights_path, "model.backbone_weights"),
+                         f"model.backbone_weights ({weights_path})", ignore_prefixes=("fc.",))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.freeze_stem = freeze_stem

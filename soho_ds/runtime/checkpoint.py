@@ -27,7 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from soho_ds.config import ReportedError
-from soho_ds.models.weights import non_finite
+from soho_ds.models.weights import non_finite, read_state_dict
 from soho_ds.runtime.dist import host_group
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state_dict(str(path), "checkpoint")
     if (path / "model.safetensors").is_file():
         return load_weights(path / "model.safetensors")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -22,7 +22,7 @@ from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec, orientation_order
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.losses import classification_loss
 from soho_ds.models.soho import SohoModel
-from soho_ds.models.weights import load_checked
+from soho_ds.models.weights import WeightsError, load_checked, what_it_holds
 from soho_ds.runtime.checkpoint import load_weights
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import to_device
@@ -99,6 +99,9 @@ class FinetuneModel(nn.Module):
             log.info("initialised every weight, the task head included, from %s", path)
             return
         soho = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        if not soho:
+            raise WeightsError(f"--init {path}: not a soho-ds checkpoint (no model.* weights); it looks like "
+                               f"{what_it_holds(sorted(state))}")
         for head in self.reused_heads:
             load_checked(getattr(self, head), {k[len(head) + 1:]: v for k, v in state.items()
                                                if k.startswith(head + ".")}, f"{path} ({head})")

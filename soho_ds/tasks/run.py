@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 from soho_ds.config import ConfigError, RunConfig
+from soho_ds.models.weights import WeightsError
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
@@ -50,7 +51,13 @@ def finetune(args: argparse.Namespace, task_name: str, step_context=contextlib.n
     module = task.make_model()
     if args.init:
         same_task = saved is not None and (saved[0].get("task") or {}).get("name") == task_name
-        module.load_pretrained(args.init, same_task=same_task)
+        try:
+            module.load_pretrained(args.init, same_task=same_task)
+        except WeightsError as e:
+            if saved is not None:
+                raise
+            raise WeightsError(f"{e} (the model was built from {args.config}'s model section: {args.init} has no "
+                               f"{checkpoint.RUN_CONFIG} beside it)") from None
     else:
         log.info("no --init: finetuning from the random initialisation")
     engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)

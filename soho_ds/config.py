@@ -8,6 +8,7 @@ beyond plain paths (shards, checkpoints) happen where a run starts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -28,6 +29,16 @@ class ReportedError(Exception):
 
 class ConfigError(ReportedError, ValueError):
     """A configuration problem, reported with the file and key it concerns."""
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a tool's work: an error that explains itself (ReportedError), or a file the user named
+    that does not exist, ends the process with one line and status 1, no traceback."""
+    try:
+        yield
+    except (ReportedError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def resolve_local_dir(spec: str) -> str:

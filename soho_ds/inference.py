@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from soho_ds.config import ConfigError, RunConfig, saved_run_config
+from soho_ds.config import ConfigError, RunConfig, TrainConfig, saved_run_config
 from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.soho import VisualTokens
@@ -229,11 +230,19 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "producer": "soho-ds"})
     saved = cfg.to_dict()
-    saved["data"]["tokenizer_dir"] = None  # the copy below travels with the folder
+    # the model and how images and texts are prepared travel; the training machine's paths do not
+    saved["data"].update(tokenizer_dir=None, train_shards=[], val_shards=[])  # the tokenizer: copied below
+    saved["task"].update(train_file=None, eval_file=None, train_answers=None, eval_answers=None, image_root="")
+    saved["train"]["output_dir"] = TrainConfig.output_dir
     (out / "run_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     load_tokenizer(cfg.data.tokenizer_dir).save_pretrained(str(out / "tokenizer"))
     if vocab is not None:
         (out / "answer_vocab.json").write_text(json.dumps(vocab))
-    (out / "README.md").write_text(f"A soho-ds {cfg.task.name or 'pretraining'} model exported from {checkpoint}."
-                                   f"\n\n    import soho_ds\n    model = soho_ds.load_model(\"{out.name}\")\n")
+    (out / "README.md").write_text(f"A soho-ds {cfg.task.name or 'pretraining'} model exported from "
+                                   f"{Path(checkpoint).name}.\n\n    import soho_ds\n    model = "
+                                   f"soho_ds.load_model(\"{out.name}\")\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):  # made to be shared: readable as any file this user writes
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     return out

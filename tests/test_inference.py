@@ -1,5 +1,6 @@
 """A trained model from Python (soho_ds.load_model), exported folders, and search over one's own images:
 each reproduces what the finetune drivers measured, without DeepSpeed."""
+import os
 import subprocess
 import sys
 
@@ -80,7 +81,13 @@ def test_vqa_answers_reproduce_the_drivers_accuracy_and_survive_export(grounded,
                     str(tmp_path / "exported")], check=True, env=ENV, capture_output=True)
     files = {p.name for p in (tmp_path / "exported").iterdir()}
     assert {"run_config.yaml", "model.safetensors", "answer_vocab.json", "tokenizer", "README.md"} <= files
-    assert "tokenizer_dir: null" in (tmp_path / "exported/run_config.yaml").read_text()
+    saved = (tmp_path / "exported/run_config.yaml").read_text()
+    assert "tokenizer_dir: null" in saved
+    assert str(grounded["root"]) not in saved and str(grounded_vqa["run"]) not in saved  # no training machine path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct((tmp_path / "exported" / name).stat().st_mode & 0o777) for name in files} >= {oct(0o666 & ~umask)}
+    assert oct((tmp_path / "exported/model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
     exported = soho_ds.load_model(tmp_path / "exported", device="cpu")
     assert same_answers(exported.answer(images[:16], [q.question for q in questions[:16]], top_k=3), answers[:16])
     again = subprocess.run([sys.executable, str(ROOT / "tools/export.py"), str(grounded_vqa["checkpoint"]),

@@ -195,6 +195,10 @@ def test_files_that_cannot_be_read_at_all_are_named_with_a_fix_that_can_help(tmp
                                          r"exist.*000003\.tar: not a regular file.*Fix: restore these files, or move "
                                          r"them out of the shard folder"):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    tool = subprocess.run([sys.executable, str(ROOT / "tools/index_shards.py"), str(data)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert tool.returncode == 1 and "Traceback" not in tool.stderr
+    assert tool.stderr.startswith("error: 2 of 4 shards cannot be read at all"), tool.stderr[-2000:]
 
 
 def test_repeated_sample_keys_are_left_out_and_counted_inside_a_tar_and_across_shards(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 
+from soho_ds.config import one_line_errors
 from soho_ds.data.detections import attach_detections, open_detections
 
 
@@ -23,8 +24,9 @@ def main() -> None:
     p.add_argument("--no-features", action="store_true", help="do not store region features (.feats.npy)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = attach_detections(a.shards, a.out, open_detections(a.detections, a.attr_threshold),
-                               features=not a.no_features)
+    with one_line_errors():
+        report = attach_detections(a.shards, a.out, open_detections(a.detections, a.attr_threshold),
+                                   features=not a.no_features)
     missing = report.pop("without_detections")
     logging.info("%s", json.dumps({**report, "without_detections": len(missing)}))
     for name in missing[:20]:

@@ -31,6 +31,8 @@ def main() -> None:
     if out.exists() and not a.force:
         raise SystemExit(f"{out} exists; pass --force to overwrite it")
     tag = a.tag or latest_tag(a.checkpoint_dir)
+    if tag is None or not (Path(a.checkpoint_dir) / tag).is_dir():
+        raise SystemExit(f"error: {a.checkpoint_dir}: no complete checkpoint ('latest' missing) or no tag {tag}")
     state = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=tag)
     torch.save(state, out)
     shutil.copyfile(Path(a.checkpoint_dir) / tag / RUN_CONFIG, out.with_suffix(".yaml"))

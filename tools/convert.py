@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from soho_ds.config import ReportedError
+from soho_ds.config import one_line_errors
 from soho_ds.data import sources
 from soho_ds.data.convert import ConversionError, write_shards
 
@@ -96,10 +96,8 @@ def convert(a: argparse.Namespace) -> dict:
 def main() -> None:
     a = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors():
         manifest = convert(a)
-    except ReportedError as e:
-        raise SystemExit(f"error: {e}") from None
     c = manifest["counts"]
     logging.info("%s: %d records -> %d samples written in %d shards, %d indexed", a.out, c["records"],
                  c["samples_written"], len([s for s in manifest["shards"] if not s.get("empty")]), c["samples_indexed"])

@@ -9,6 +9,7 @@ for VQA, answer_vocab.json. Nothing in it refers back to the training machine.
 import argparse
 import logging
 
+from soho_ds.config import one_line_errors
 from soho_ds.inference import export
 
 
@@ -19,10 +20,8 @@ def main() -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors():
         out = export(a.checkpoint, a.out, a.overwrite)
-    except FileExistsError as e:
-        raise SystemExit(str(e)) from None
     logging.info("exported %s -> %s (%s)", a.checkpoint, out, ", ".join(sorted(p.name for p in out.iterdir())))
 
 

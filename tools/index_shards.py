@@ -16,6 +16,7 @@ import logging
 import os
 import time
 
+from soho_ds.config import one_line_errors
 from soho_ds.data.shards import index_shards
 
 
@@ -27,7 +28,8 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    report = index_shards(a.shards, workers=a.workers, progress=True)
+    with one_line_errors():
+        report = index_shards(a.shards, workers=a.workers, progress=True)
     seconds = time.time() - t0
     checked = report["kept"] + report["skipped"]
     logging.info("indexed %d samples; left out %d malformed and %d lost to truncation; %d shards could not be "

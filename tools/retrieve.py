@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import soho_ds
-from soho_ds.config import ReportedError
+from soho_ds.config import one_line_errors
 from soho_ds.search import ImageIndex
 
 
@@ -28,12 +28,8 @@ def main() -> None:
     p.add_argument("queries", nargs="+")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
+    with one_line_errors():
         search(a)
-    except ReportedError as e:
-        raise SystemExit(f"error: {e}") from None
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --model: {e}") from None
 
 
 def search(a: argparse.Namespace) -> None:

@@ -163,3 +163,4 @@ def main(entry, parser: argparse.ArgumentParser, *extra) -> None:
     except ReportedError as e:
         logging.getLogger("soho_ds").error("%s", e)
         raise SystemExit(1) from None
+

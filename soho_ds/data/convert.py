@@ -113,12 +113,8 @@ def write_shard(path: str, records: list[Record], max_side: int | None, records_
                 "records_digest": records_digest}
     os.replace(tmp, final)
     checked = index_shard(final)
-    digest = hashlib.sha256()
-    with open(final, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return {"name": final.name, "num_samples": written, "records": len(records), "dropped": dropped,
-            "checked": {"kept": checked["kept"], "skipped": checked["skipped"]}, "sha256": digest.hexdigest(),
+            "checked": {"kept": checked["kept"], "skipped": checked["skipped"]}, "sha256": checked["tar_sha256"],
             "bytes": final.stat().st_size, "records_digest": records_digest}
 
 

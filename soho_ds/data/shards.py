@@ -121,19 +121,37 @@ def content_fingerprint(tar: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _stamp(tar: str | Path) -> dict:
     """What an index record says of the tar it was built from."""
-    return {**tar_stamp(tar), "fingerprint": content_fingerprint(tar)}
+    return {**tar_stamp(tar), "fingerprint": content_fingerprint(tar), "tar_sha256": file_sha256(tar)}
 
 
 def _matches(record: dict, tar: str) -> bool:
-    """Whether `tar` is the file `record` was built from: same size and content fingerprint (records
-    from before fingerprints: same size and mtime)."""
-    if record.get("tar_size") != os.stat(tar).st_size:
+    """Whether `tar` is the file `record` was built from. Same size always; with the recorded mtime, the
+    same sampled fingerprint; with another mtime (a copy, or a rewrite), the same sha256 of the whole
+    file, after which the record takes the new mtime (the next start is quick again). Records from
+    before content hashes: the same mtime."""
+    st = os.stat(tar)
+    if record.get("tar_size") != st.st_size:
         return False
-    if "fingerprint" in record:
-        return record["fingerprint"] == content_fingerprint(tar)
-    return record.get("tar_mtime_ns") == os.stat(tar).st_mtime_ns
+    if record.get("tar_mtime_ns") == st.st_mtime_ns:
+        return record.get("fingerprint", content_fingerprint(tar)) == content_fingerprint(tar)
+    if "tar_sha256" not in record or file_sha256(tar) != record["tar_sha256"]:
+        return False
+    log.info("%s: modified time changed, content identical (sha256): index kept", tar)
+    try:
+        _write_atomically(record_path(tar), json.dumps({**record, "tar_mtime_ns": st.st_mtime_ns}))
+    except OSError:  # a read-only copy: the whole file is hashed again at the next start
+        pass
+    return True
 
 
 def read_record(tar: str | Path) -> dict | None:
@@ -147,7 +165,7 @@ def read_record(tar: str | Path) -> dict | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same file at once
     tmp.write_text(text)
     os.replace(tmp, path)
 

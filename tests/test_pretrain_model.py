@@ -160,7 +160,7 @@ def test_backbone_loads_local_weights_and_refuses_mismatched_ones(tmp_path):
     torch.save(net.state_dict(), path)
     assert torch.equal(ResNetBackbone(name="resnet18", weights_path=str(path)).layer1[0].conv1.weight, net.layer1[0].conv1.weight)
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
-    with pytest.raises(ValueError, match="resnet18.pth: weights do not fit"):
+    with pytest.raises(ValueError, match=r"model\.backbone_weights \(.*resnet18\.pth\): weights do not fit"):
         ResNetBackbone(name="resnet18", weights_path=str(path))
     with pytest.raises(ValueError, match="missing"):
         load_checked(net, {k: v for k, v in net.state_dict().items() if "fc" not in k}, "partial.pth")

@@ -188,7 +188,7 @@ def test_shards_copied_with_new_mtimes_stay_trusted_and_resume_keeps_the_data_po
     assert all(read_record(p)["tar_mtime_ns"] == p.stat().st_mtime_ns for p in copy.glob("*.tar"))
 
 
-def test_files_that_cannot_be_read_at_all_are_named_with_a_fix_that_can_help(tmp_path):
+def test_files_that_cannot_be_read_at_all_are_named_with_a_fix_that_can_help(tmp_path, monkeypatch):
     data = shards(tmp_path / "data", n_tars=2)
     (data / "000002.tar").symlink_to(tmp_path / "elsewhere/000002.tar")
     (data / "000003.tar").mkdir()
@@ -197,6 +197,12 @@ def test_files_that_cannot_be_read_at_all_are_named_with_a_fix_that_can_help(tmp
                                          r"exist.*000003\.tar: not a regular file.*Fix: restore these files, or move "
                                          r"them out of the shard folder"):
         ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(data) and real_access(path, mode))
+    with pytest.raises(ShardError, match=rf"{data}: the folder cannot be listed \(permission denied\): give this "
+                                         r"user read access to it"):
+        ShardLoader(str(data), 4, SPEC, train=False, num_threads=1)
+    monkeypatch.undo()
     tool = subprocess.run([sys.executable, str(ROOT / "tools/index_shards.py"), str(data)], capture_output=True,
                           text=True, env=ENV, timeout=300)
     assert tool.returncode == 1 and "Traceback" not in tool.stderr
@@ -313,7 +319,7 @@ def test_nothing_is_overwritten_without_being_asked(tmp_path, world_of_one, mess
     with pytest.raises(ConfigError, match=r"already holds a run \(latest checkpoint: step_00000002\); continue it "
                                           r"with --resume, or start over with --restart"):
         pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
-    with pytest.raises(ConfigError, match=r"--resume: no checkpoint in .*elsewhere/run/checkpoints"):
+    with pytest.raises(ConfigError, match=r"--resume: no complete checkpoint in .*elsewhere/run/checkpoints"):
         pretrain(tmp_path / "elsewhere", data, 2, flags=["--resume"], monkeypatch=monkeypatch)
     pretrain(tmp_path / "auto", data, 1, flags=["--resume", "auto"], monkeypatch=monkeypatch)  # nothing yet: starts
     assert "--resume auto: no checkpoint" in messages

@@ -5,7 +5,7 @@ goes bad mid-run; resident memory and step time at the start and the end of each
 
 Phase 1 trains to half the steps, where the launcher gets SIGTERM (a cluster's preemption): every
 rank checkpoints at the next step and exits. Then one shard in the middle of the set is corrupted
-(a member's image garbled and the tar rewritten): the resumed run refuses the stale index and
+(a member's image garbled and the tar rewritten): the resumed run refuses the changed shard and
 names the shard; the shards are checked again (the sample is left out) and phase 2 resumes to the
 end. Writes benchmarks/soak.{json,md}. Not a test: it measures.
 """
@@ -98,7 +98,7 @@ def main() -> None:
         bad_shard = sorted((data / "train").glob("*.tar"))[4]
         member = garble_one_image(bad_shard)
         refused = launch(run, data, a.steps, a.log_every, True)
-        refusal = next((line for line in (refused.stdout + refused.stderr).splitlines() if "stale index" in line), "")
+        refusal = next((line for line in (refused.stdout + refused.stderr).splitlines() if "changed after it was indexed" in line), "")
         assert refused.returncode != 0 and refusal, refused.stdout[-3000:]
         report = index_shards(str(data / "train"))
         second = launch(run, data, a.steps, a.log_every, True)

@@ -176,7 +176,7 @@ def resume(engine, ckpt_dir: str | Path) -> tuple[dict, dict | None]:
         raise CheckpointError(f"{ckpt_dir}/{load_tag}: {len(bad)} tensors hold NaN or infinite values "
                               f"({', '.join(bad[:5])}); resume from an earlier tag (edit {ckpt_dir}/latest)")
     rank_file = _rank_file(ckpt_dir / tag, engine.global_rank)
-    own = None if universal else torch.load(rank_file, weights_only=False)
+    own = None if universal else torch.load(rank_file, weights_only=True)  # tensors, strings, numbers only
     if universal:
         client_state = {"step": engine.global_steps}
         log.info("resumed from %s at step %d on a new world size of %d: weights, optimizer moments and step "

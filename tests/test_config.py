@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from soho_ds.config import ConfigError, TrainConfig, load_config
+from soho_ds.config import ConfigError, ShardSource, TrainConfig, load_config
 from soho_ds.runtime.engine import (load_ds_config, param_groups, resolve_batch, resolve_precision,
                                     validate_ds_config)
 
@@ -81,6 +81,13 @@ def test_real_recipes_are_sohos():
     ("train:\n  cnn_lr_mult: .nan\n", r"run.yaml: train.cnn_lr_mult: must be a finite number, got nan"),
     ("train:\n  lr: 0\n", r"run.yaml: train.lr must be positive"),
     ("train:\n  lr: -1.0e-4\n", r"run.yaml: train.lr must be positive"),
+    ("data:\n  train_shards: [a, {name: b, shards: b}]\n", r"run.yaml: data.train_shards: give every entry as a "
+                                                           r"source \{name, shards, weight\} or none; paths \['a'\]"),
+    ("data:\n  train_shards: [{name: b, shards: x}, {name: b, shards: y}]\n", r"source name 'b' is given twice"),
+    ("data:\n  train_shards: [{name: cc 3m, shards: x}]\n", r"source name 'cc 3m' must be letters"),
+    ("data:\n  train_shards: [{name: vg, shards: x, weight: -1}]\n", r"source 'vg' weight must be positive"),
+    ("data:\n  train_shards: [{name: vg}]\n", r"source 'vg' names no shards"),
+    ("data:\n  train_shards: [{name: vg, shard: x}]\n", r"data.train_shards: unknown key\(s\) \['shard'\]"),
 ])
 def test_broken_config_is_refused_naming_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,6 +110,15 @@ def test_overrides_pass_through_the_same_validation(tmp_path):
         load_config(path, ["train.lr=.inf"])
     several = load_config(path, ["data.train_shards=[a, b]", "data.val_shards=c"])
     assert several.data.train_shards == ("a", "b") and several.data.val_shards == ("c",)
+    assert several.data.train_sources == (ShardSource("train", ("a", "b"), 1.0),)
+    mixed = load_config(path, ["data.train_shards=[{name: coco, shards: [c1, c2]}, {name: cc3m, shards: s3://b/cc, "
+                               "weight: 0.5}]"])
+    assert mixed.data.train_sources == (ShardSource("coco", ("c1", "c2"), 1.0),
+                                        ShardSource("cc3m", ("s3://b/cc",), 0.5))
+    assert mixed.data.train_paths == ("c1", "c2", "s3://b/cc")
+    # the saved run config (plain mappings) reads back to the same sources
+    from soho_ds.config import saved_run_config
+    assert saved_run_config(mixed.to_dict(), "saved").data.train_sources == mixed.data.train_sources
 
 
 def test_the_checkpoint_carries_the_model(tmp_path):

@@ -98,7 +98,7 @@ def test_batches_grouped_by_orientation_hold_one_orientation_and_less_padding(sy
     mixed = ShardLoader(str(synthetic_data / "train"), batch_size=8, spec=spec, train=True, num_threads=1, seed=1)
     grouped = ShardLoader(str(synthetic_data / "train"), batch_size=8, spec=spec, train=True, num_threads=1, seed=1,
                           group_by_orientation=True)
-    assert len(grouped.streams) == 2 and sum(grouped.group_sizes) == 120
+    assert len(grouped.streams) == 2 and sum(grouped.stream_samples) == 120
     batches = [b for _, b in zip(range(12), grouped.forever())]
     for b in batches:
         h, w = b.image_sizes[:, 0], b.image_sizes[:, 1]

@@ -47,6 +47,21 @@ def test_plan_from_a_runs_log_matches_the_hand_computed_budget(recorded):
     assert (fixed.global_batch, fixed.epochs) == (64, 2400.0)  # the JSON's global batch at any GPU count
 
 
+def test_a_weighted_mix_gets_each_sources_epochs(recorded):
+    from soho_ds.bench.plan import format_plan, source_sizes
+
+    cfg = load_config(ROOT / "configs/pretrain_synthetic.yaml",
+                      [f"data.train_shards=[{{name: a, shards: {recorded}/train/000000.tar, weight: 3}}, "
+                       f"{{name: b, shards: {recorded}/train/000001.tar, weight: 1}}]", "train.max_steps=900",
+                       "model.bert_dir=null", "model.backbone_weights=null"])
+    sources = source_sizes(cfg)
+    assert sources == [("a", 12, 0.75), ("b", 12, 0.25)]
+    rows = plan(cfg, {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 24, 21.0, [1])
+    text = format_plan(rows, 24, 21.0, sources)
+    # 900 steps x 8 images = 7,200: a draws 75% = 5,400 images = 450 epochs of 12; b 1,800 = 150 epochs
+    assert "| 1 | 450.00 | 150.00 |" in text and "a (12 images, 75% of batches)" in text
+
+
 def test_plan_tool_reads_a_benchmark_report_and_refuses_what_it_cannot_use(recorded, tmp_path):
     report = ROOT / "benchmarks/bench_train.json"
     deepspeed_row = next(r for r in json.loads(report.read_text())["rows"] if "DeepSpeed" in r["loop"])

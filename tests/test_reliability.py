@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from launching import ENV, TINY, TINY_MODEL, finetune_in_process
+from launching import ENV, TINY_MODEL, finetune_in_process, pretrain_in_process as pretrain
 from soho_ds.config import ConfigError
 from soho_ds.data.pipeline import ImageSpec, SampleDecodeError, ShardLoader
 from soho_ds.data.shards import ShardError, index_shards, read_record
@@ -25,8 +25,6 @@ from soho_ds.runtime.trainer import TrainingStopped
 from soho_ds.synthetic.shards import write_split
 
 SPEC = ImageSpec(mode="aspect", shorter_side=64, longer_side=96)
-DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 10.0,
-      "zero_optimization": {"stage": 2}}
 
 
 class Messages(logging.Handler):
@@ -49,27 +47,6 @@ def messages():
     logging.getLogger("soho_ds").addHandler(handler)
     yield handler
     logging.getLogger("soho_ds").removeHandler(handler)
-
-
-def pretrain(tmp_path, shards, steps, sets=(), flags=(), monkeypatch=None, fault=None):
-    """`launch/pretrain.py`'s entry in this process (a world of one) with the tiny model."""
-    from soho_ds.pretrain.run import pretrain as run
-    from soho_ds.runtime.run import add_run_arguments
-
-    if monkeypatch is not None:
-        if fault:
-            monkeypatch.setenv("SOHO_DS_FAULT", fault)
-        else:
-            monkeypatch.delenv("SOHO_DS_FAULT", raising=False)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps(DS))
-    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml"), "--precision",
-            "fp32", *flags]
-    for s in TINY + [f"data.train_shards={shards}", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
-                     f"train.max_steps={steps}", "train.eval_every=0", *sets]:
-        argv += ["--set", s]
-    return run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
 
 
 def rows(run_dir):
@@ -351,7 +328,7 @@ def test_a_decode_failure_at_run_time_names_shard_and_key_and_reindex_then_resum
     assert last_good in ("step_00000002", "step_00000004")
     index_shards(str(data))  # the documented way out
     pretrain(tmp_path, data, 12, sets, flags=["--resume"], monkeypatch=monkeypatch)
-    assert "the shards changed since this checkpoint" in messages
+    assert "the shards or their mixing weights changed since this checkpoint" in messages
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000012"
 
 

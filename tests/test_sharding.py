@@ -65,7 +65,7 @@ def test_orientation_groups_keep_each_epoch_whole_and_resume_exactly(uneven_shar
     per group epoch, and a loader rebuilt from its checkpoint continues with the same batches."""
     loader = ShardLoader(str(uneven_shards / "train"), batch_size=4, spec=SPEC, train=True, num_threads=1, seed=3,
                          shuffle_buffer=16, group_by_orientation=True)
-    assert len(loader.streams) == 2 and sum(loader.group_sizes) == 100
+    assert len(loader.streams) == 2 and sum(loader.stream_samples) == 100
     stream = loader.forever()
     for _ in range(5):
         next(stream)

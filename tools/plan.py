@@ -11,7 +11,7 @@ number. --efficiency scales it for what multi-node scaling keeps (1.0: linear).
 """
 import argparse
 
-from soho_ds.bench.plan import dataset_images, format_plan, measured_images_per_s, plan
+from soho_ds.bench.plan import format_plan, measured_images_per_s, plan, source_sizes
 from soho_ds.config import ConfigError, load_config, one_line_errors
 from soho_ds.runtime.engine import load_ds_config
 
@@ -32,10 +32,11 @@ def main() -> None:
         cfg = load_config(a.config, a.set)
         if not cfg.data.train_shards:
             raise ConfigError(f"{a.config}: data.train_shards is required to size an epoch")
-        images = dataset_images(cfg.data.train_shards)
+        sources = source_sizes(cfg)
+        images = sum(n for _, n, _ in sources)
         per_gpu = a.images_per_s if a.images_per_s else measured_images_per_s(a.measured, a.measured_on)
         rows = plan(cfg, load_ds_config(a.deepspeed_config), images, per_gpu, a.gpus, a.efficiency)
-    print(format_plan(rows, images, per_gpu))
+    print(format_plan(rows, images, per_gpu, sources))
 
 
 if __name__ == "__main__":

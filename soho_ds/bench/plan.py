@@ -46,6 +46,13 @@ def dataset_images(shards) -> int:
     return n
 
 
+def source_sizes(cfg: RunConfig) -> list[tuple[str, int, float]]:
+    """(name, images, share of the batches) of each weighted training source."""
+    sources = cfg.data.train_sources
+    total = sum(s.weight for s in sources)
+    return [(s.name, dataset_images(s.shards), s.weight / total) for s in sources]
+
+
 def measured_images_per_s(path: str | Path, measured_on: int) -> float:
     """Images/s per GPU from a measurement: a run's train.jsonl (the median of its interval figures
     `perf/img_per_s` after the first, over `measured_on` GPUs) or a benchmark report (benchmarks/*.json:
@@ -83,13 +90,21 @@ def plan(cfg: RunConfig, ds: dict, images: int, per_gpu: float, gpus: list[int],
     return rows
 
 
-def format_plan(rows: list[PlanRow], images: int, per_gpu: float) -> str:
+def format_plan(rows: list[PlanRow], images: int, per_gpu: float,
+                sources: list[tuple[str, int, float]] | None = None) -> str:
     lines = [f"dataset: {images:,} images (one epoch); measured {per_gpu:.2f} images/s per GPU",
              "| GPUs | global batch | steps | epochs | wall-clock h | GPU-hours | steps for SOHO's 40 epochs |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.gpus} | {r.global_batch} | {r.steps:,} | {r.epochs:.2f} | {r.hours:.1f} | "
                      f"{r.gpu_hours:.0f} | {SOHO_EPOCHS * images / r.global_batch:,.0f} |")
+    if sources and len(sources) > 1:  # a weighted mix: each source's own epochs over the run
+        lines += ["epochs of each source (weighted mix):",
+                  "| GPUs | " + " | ".join(f"{name} ({n:,} images, {100 * share:.0f}% of batches)"
+                                          for name, n, share in sources) + " |",
+                  "|---|" + "---|" * len(sources)]
+        lines += [f"| {r.gpus} | " + " | ".join(f"{r.steps * r.global_batch * share / n:.2f}"
+                                               for _, n, share in sources) + " |" for r in rows]
     lines.append("published budgets:")
     lines += [f"  {name}: {what}" + (f" (about {gpu_h:,} GPU-hours)" if gpu_h else "")
               for name, what, gpu_h in PUBLISHED]

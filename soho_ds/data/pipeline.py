@@ -28,7 +28,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
-from soho_ds.config import DataConfig, ReportedError
+from soho_ds.config import DataConfig, ReportedError, ShardSource
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
 from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, check_manifest, decode_meta, fix_command,
                                  list_shards, sample_sizes, summarise_losses, trusted_index_paths)
@@ -214,6 +214,14 @@ class ImageTextBatch:
     metas: list[dict]  # per image: the sample JSON (captions, key, ...)
     sources: list[str]  # per image: "shard.tar:offset:member"
     regions: RegionTargets | None = None  # boxes aligned with `images`, when the loader reads them
+    source: str = "train"  # the name of the source the batch was drawn from
+
+
+def as_sources(shards) -> list[ShardSource]:
+    """A shard spec (folders, globs, tars) as one source "train"; a sequence of ShardSource as it is."""
+    if isinstance(shards, (list, tuple)) and shards and all(isinstance(s, ShardSource) for s in shards):
+        return list(shards)
+    return [ShardSource("train", (shards,) if isinstance(shards, str) else tuple(shards), 1.0)]
 
 
 def _strings(array: np.ndarray) -> list[str]:
@@ -250,11 +258,17 @@ class _Stream:
 class ShardLoader:
     """Iterates `ImageTextBatch`es from one rank's slice of the shards.
 
+    `shards` is one set (folders, globs, tars: each image equally likely) or a weighted mixture of
+    `ShardSource`s: each batch comes from one source, drawn with probability weight / total weight
+    from this rank's generator (seeded by the seed and the rank, kept in `checkpoint()`), so the mix
+    is deterministic and resumes exactly. A source that reaches the end of its slice starts its next
+    epoch by itself, whatever the others do.
+
     Before any pipeline exists the shards are checked: indexes current and complete
     (`trusted_index_paths`), sample counts as the manifest records. In aspect mode with
-    `group_by_orientation`, landscape and portrait images are read by two pipelines (the same
-    tars, each through an index of one orientation) and each batch comes from one of them, so
-    little of a batch is padding; the group of each step is drawn in proportion to its size.
+    `group_by_orientation`, landscape and portrait images of a source are read by two pipelines (the
+    same tars, each through an index of one orientation) and each batch comes from one of them, so
+    little of a batch is padding; within a source the group is drawn in proportion to its size.
 
     `epochs()` yields one pass; `forever()` restarts at the end of each pass, which is what a
     step-based training loop wants (every rank then takes the same number of steps).
@@ -264,33 +278,51 @@ class ShardLoader:
                  train: bool = True, num_threads: int = 2, seed: int = 0, shuffle_buffer: int = 1024,
                  device: str | None = None, regions: RegionSpec | None = None, checkpoint: dict | None = None,
                  group_by_orientation: bool = False):
-        self.paths = list_shards(shards)
+        self.sources = as_sources(shards)
         self.spec, self.regions, self.batch_size = spec, regions, batch_size
-        index_paths = trusted_index_paths(self.paths)
-        if index_paths is None:
-            log.warning("%d shards have no index: DALI scans each tar, and no sample was checked; run %s",
-                        len(self.paths), fix_command(self.paths))
-        else:
-            check_manifest(self.paths)
-            if rank == 0 and (losses := summarise_losses(self.paths)):
-                log.info("%s", losses)
-        if regions is not None and index_paths:
-            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
-        groups = [(self.paths, index_paths)]
         self._tmp = None
-        if group_by_orientation and spec.mode == "aspect" and index_paths:
+        if group_by_orientation and spec.mode == "aspect":
             self._tmp = tempfile.TemporaryDirectory(prefix="soho_ds_orientation_")
-            groups = _orientation_groups(self.paths, index_paths, Path(self._tmp.name), world_size * batch_size)
-        self.group_sizes = [n for _, _, n in groups] if len(groups) > 1 else [0]
-        states = (checkpoint or {}).get("streams") or [None] * len(groups)
-        if len(states) != len(groups):
-            raise ValueError(f"data state has {len(states)} streams, the shards now make {len(groups)}")
-        self.streams = [_Stream(g[0], g[1], batch_size, spec, rank, world_size, train, num_threads, seed + 7919 * i,
+        self.paths: list[str] = []
+        plan = []  # (source name, tars, index files, samples, probability weight) of each stream
+        for source in self.sources:
+            paths = list_shards(source.shards)
+            self.paths += paths
+            groups = self._groups(source.name, paths, rank, world_size, batch_size)
+            total = sum(n for _, _, n in groups)
+            plan += [(source.name, tars, idx, n, source.weight * (n / total if len(groups) > 1 else 1.0))
+                     for tars, idx, n in groups]
+        self.stream_sources = [p[0] for p in plan]
+        self.stream_samples = [p[3] for p in plan]  # 0 where the shards are not indexed
+        self.stream_weights = [p[4] for p in plan]
+        states = (checkpoint or {}).get("streams") or [None] * len(plan)
+        if len(states) != len(plan):
+            raise ValueError(f"data state has {len(states)} streams, the shards now make {len(plan)}")
+        self.streams = [_Stream(tars, idx, batch_size, spec, rank, world_size, train, num_threads, seed + 7919 * i,
                                 shuffle_buffer, device, regions, state)
-                        for i, (g, state) in enumerate(zip(groups, states))]
+                        for i, ((_, tars, idx, _, _), state) in enumerate(zip(plan, states))]
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         if checkpoint and checkpoint.get("generator") is not None:
             self.generator.set_state(checkpoint["generator"])
+
+    def _groups(self, name: str, paths: list[str], rank: int, world_size: int, batch_size: int
+                ) -> list[tuple[list[str], list[str] | None, int]]:
+        """One source's checked shards as (tars, index files, samples) per orientation group."""
+        index_paths = trusted_index_paths(paths)
+        if index_paths is None:
+            log.warning("%d shards of %s have no index: DALI scans each tar, and no sample was checked; run %s",
+                        len(paths), name, fix_command(paths))
+            return [(paths, None, 0)]
+        check_manifest(paths)
+        if rank == 0 and (losses := summarise_losses(paths)):
+            log.info("%s", losses)
+        if self.regions is not None:
+            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if self.regions.features else []))
+        if self._tmp is None:
+            return [(paths, index_paths, 0)]
+        folder = Path(self._tmp.name) / name
+        folder.mkdir()
+        return _orientation_groups(paths, index_paths, folder, world_size * batch_size)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.streams)
@@ -319,7 +351,7 @@ class ShardLoader:
                                  f"{fix_command(self.paths)} (leaves such samples out), then restart with --resume "
                                  f"to continue from the last checkpoint.\nDALI: {str(error)[-500:]}")
 
-    def _convert(self, out: dict) -> ImageTextBatch:
+    def _convert(self, out: dict, source: str) -> ImageTextBatch:
         sources = _strings(out["source"].numpy())
         try:
             metas = [decode_meta(row.tobytes(), src.rsplit(".", 1)[0] or f"sample {i}")
@@ -329,7 +361,7 @@ class ShardLoader:
                              "then restart with --resume") from None
         sizes = out["sizes"].cpu().long()
         if self.regions is None:
-            return ImageTextBatch(out["images"], sizes, metas, sources)
+            return ImageTextBatch(out["images"], sizes, metas, sources, source=source)
         boxes = out["boxes"].cpu().numpy().reshape(len(metas), -1, 4)
         # Without a crop every box is kept in its original order; padding rows are -1.
         kept = out["kept"].cpu().numpy().reshape(len(metas), -1) if "kept" in out else np.where(
@@ -337,30 +369,29 @@ class ShardLoader:
         features = out["features"].cpu().numpy() if "features" in out else None
         regions = RegionTargets.build(metas, boxes, kept, features, sizes.numpy(), self.regions.num_attributes,
                                       self.regions.max_boxes, sources)
-        return ImageTextBatch(out["images"], sizes, metas, sources, regions)
+        return ImageTextBatch(out["images"], sizes, metas, sources, regions, source)
 
     def epochs(self):
-        """One pass over this rank's slice (evaluation), group after group."""
-        for stream in self.streams:
+        """One pass over this rank's slice (evaluation), stream after stream."""
+        for i, stream in enumerate(self.streams):
             while True:
                 try:
                     out = self._next(stream)
                 except StopIteration:
                     break
                 if out[0]["sizes"].shape[0]:  # a rank's last batch of a pass may be empty (DALI's PARTIAL)
-                    yield self._convert(out[0])
+                    yield self._convert(out[0], self.stream_sources[i])
 
     def forever(self):
-        """Training stream: epoch after epoch with no gap (the iterators reset themselves)."""
-        weights = torch.tensor(self.group_sizes, dtype=torch.float) if len(self.streams) > 1 else None
+        """Training stream: epoch after epoch of every source with no gap (the iterators reset themselves)."""
+        weights = torch.tensor(self.stream_weights, dtype=torch.float) if len(self.streams) > 1 else None
         while True:
-            stream = self.streams[0 if weights is None else int(torch.multinomial(weights, 1,
-                                                                                  generator=self.generator))]
+            i = 0 if weights is None else int(torch.multinomial(weights, 1, generator=self.generator))
             try:
-                out = self._next(stream)
+                out = self._next(self.streams[i])
             except StopIteration:
                 continue
-            yield self._convert(out[0])
+            yield self._convert(out[0], self.stream_sources[i])
 
 
 def _orientation_groups(paths: list[str], index_paths: list[str], folder: Path, min_samples: int

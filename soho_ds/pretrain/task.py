@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 def check_shards(cfg: RunConfig) -> None:
     """Before any process group: the configured shards exist and can be trusted as they are."""
-    for key, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
-        if key == "data.train_shards" and not spec:
-            raise ConfigError(f"{cfg.source}: data.train_shards is required for pretraining")
+    if not cfg.data.train_shards:
+        raise ConfigError(f"{cfg.source}: data.train_shards is required for pretraining")
+    named = [(f"data.train_shards ({s.name})" if len(cfg.data.train_sources) > 1 else "data.train_shards", s.shards)
+             for s in cfg.data.train_sources]
+    for key, spec in named + [("data.val_shards", cfg.data.val_shards)]:
         if not spec:
             continue
         try:
@@ -35,6 +37,14 @@ def check_shards(cfg: RunConfig) -> None:
             raise ConfigError(f"{cfg.source}: {key}: {e}") from None
         except ShardError as e:
             raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+
+
+def data_fingerprint(d) -> list:
+    """What the saved data positions refer to: the shards, and with several sources their names and weights."""
+    sources = d.train_sources
+    if len(sources) == 1:
+        return shard_fingerprint(list_shards(sources[0].shards))
+    return [[s.name, s.weight, shard_fingerprint(list_shards(s.shards))] for s in sources]
 
 
 class PretrainTask:
@@ -55,14 +65,15 @@ class PretrainTask:
         s = cfg.semantic
         # Detector boxes are read only when a semantic visual loss is on.
         self.regions = RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
-        self.fingerprint = shard_fingerprint(list_shards(d.train_shards))
+        self.fingerprint = data_fingerprint(d)
+        self.images_seen = {s.name: 0 for s in d.train_sources}  # this rank's, plus the run's before a resume
         self.loader = self._train_loader(cfg.train.seed)
         self._val_loader = None
         self._last_metas: list[dict] = []
 
     def _train_loader(self, seed: int, state: dict | None = None) -> ShardLoader:
         d = self.cfg.data
-        return ShardLoader(d.train_shards, self.micro_batch, self.spec, self.dist.rank, self.dist.world_size,
+        return ShardLoader(d.train_sources, self.micro_batch, self.spec, self.dist.rank, self.dist.world_size,
                            train=True, num_threads=d.num_threads, seed=seed, shuffle_buffer=d.shuffle_buffer,
                            device=self.dist.device.type, regions=self.regions, checkpoint=state,
                            group_by_orientation=d.group_by_orientation)
@@ -70,13 +81,15 @@ class PretrainTask:
     def data_state(self) -> dict:
         return {"loader": self.loader.checkpoint(), "shards": self.fingerprint}
 
-    def load_data_state(self, state: dict | None, step: int) -> None:
+    def load_data_state(self, state: dict | None, step: int, images_seen: dict[str, int] | None = None) -> None:
         """Continues the data stream where `state` left it. A fresh order seeded by the step when there
         is none (the world size changed, so the old per-rank positions mean nothing) or when the shards
-        changed since (re-indexed after a bad sample was found: the old positions no longer match)."""
+        changed since (re-indexed after a bad sample was found: the old positions no longer match).
+        `images_seen`: the counts this rank carries on (the run's totals on one rank, nothing on the others)."""
+        self.images_seen = {name: int((images_seen or {}).get(name, 0)) for name in self.images_seen}
         if state is not None and state.get("shards") != self.fingerprint:
-            log.warning("the shards changed since this checkpoint (re-indexed or replaced): the data order "
-                        "restarts, seeded by the step")
+            log.warning("the shards or their mixing weights changed since this checkpoint (re-indexed, replaced or "
+                        "re-weighted): the data order restarts, seeded by the step")
             state = None
         self.loader = (self._train_loader(self.cfg.train.seed, state["loader"]) if state is not None
                        else self._train_loader(self.cfg.train.seed + step))
@@ -92,7 +105,11 @@ class PretrainTask:
     def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         for raw in self.loader.forever():
             self._last_metas = raw.metas
+            self.images_seen[raw.source] += len(raw.metas)
             yield self.make_batch(raw, self.text)
+
+    def images_drawn(self) -> dict[str, int]:
+        return dict(self.images_seen)
 
     def rng_generators(self) -> dict[str, torch.Generator]:
         return {"text": self.text.generator}

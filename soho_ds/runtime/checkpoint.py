@@ -61,9 +61,10 @@ def module_non_finite(module: torch.nn.Module) -> list[str]:
 
 
 def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: dict,
-         files: dict[str, str] | None = None) -> Path:
+         files: dict[str, str] | None = None, meta: dict | None = None) -> Path:
     """Writes the tag `tag_for(step)`; `rank_state` is this rank's own (RNG streams, data position),
-    `files` (name -> text) are written beside the run config by rank 0 (e.g. the VQA answers).
+    `files` (name -> text) are written beside the run config by rank 0 (e.g. the VQA answers), `meta`
+    (the same on every rank, e.g. the run's image counts) into meta.json, which outlives a world-size change.
     Refuses, on every rank alike, to write weights or buffers that are not finite."""
     bad = module_non_finite(engine.module)
     flag = torch.tensor([float(bool(bad))], device=engine.device)
@@ -88,7 +89,7 @@ def save(engine, ckpt_dir: str | Path, step: int, rank_state: dict, run_config: 
             (partial / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
             for name, text in (files or {}).items():
                 (partial / name).write_text(text)
-            (partial / "meta.json").write_text(json.dumps({"step": step, "world_size": world}))
+            (partial / "meta.json").write_text(json.dumps({**(meta or {}), "step": step, "world_size": world}))
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
         error = e
     failed = torch.tensor([float(error is not None)])
@@ -129,11 +130,16 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
+def saved_meta(ckpt_dir: str | Path, tag: str) -> dict:
+    """A checkpoint's meta.json: step, world size and what the run passed to `save` as `meta`."""
     meta = Path(ckpt_dir) / tag / "meta.json"
     if not meta.exists():
         raise CheckpointError(f"{meta}: missing, so {tag} is not a complete soho-ds checkpoint")
-    return json.loads(meta.read_text())["world_size"]
+    return json.loads(meta.read_text())
+
+
+def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
+    return saved_meta(ckpt_dir, tag)["world_size"]
 
 
 def prepare_resume(ckpt_dir: str | Path, ds_config: dict, world_size: int, rank: int) -> dict:

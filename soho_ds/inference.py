@@ -231,7 +231,8 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
               metadata={"format": "pt", "producer": "soho-ds"})
     saved = cfg.to_dict()
     # the model and how images and texts are prepared travel; the training machine's paths do not
-    saved["data"].update(tokenizer_dir=None, train_shards=[], val_shards=[])  # the tokenizer: copied below
+    # the tokenizer: copied below
+    saved["data"].update(tokenizer_dir=None, train_shards=[], val_shards=[], retrieval_shards=[])
     saved["task"].update(train_file=None, eval_file=None, train_answers=None, eval_answers=None, image_root="")
     saved["train"]["output_dir"] = TrainConfig.output_dir
     (out / "run_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))

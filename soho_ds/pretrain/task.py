@@ -26,7 +26,8 @@ def check_shards(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: data.train_shards is required for pretraining")
     named = [(f"data.train_shards ({s.name})" if len(cfg.data.train_sources) > 1 else "data.train_shards", s.shards)
              for s in cfg.data.train_sources]
-    for key, spec in named + [("data.val_shards", cfg.data.val_shards)]:
+    for key, spec in named + [("data.val_shards", cfg.data.val_shards),
+                              ("data.retrieval_shards", cfg.data.retrieval_shards)]:
         if not spec:
             continue
         try:
@@ -69,6 +70,8 @@ class PretrainTask:
         self.images_seen = {s.name: 0 for s in d.train_sources}  # this rank's, plus the run's before a resume
         self.loader = self._train_loader(cfg.train.seed)
         self._val_loader = None
+        self._retrieval_loader = None
+        self.tokenizer = tokenizer
         self._last_metas: list[dict] = []
 
     def _train_loader(self, seed: int, state: dict | None = None) -> ShardLoader:
@@ -150,16 +153,11 @@ class PretrainTask:
         empty); every figure is a mean over the images scored on all ranks, combined once at the end.
         """
         d = self.cfg.data
+        metrics = self.evaluate_retrieval(module, device, dtype) if d.retrieval_shards else {}
         if not d.val_shards:
-            return {}
+            return metrics
         if self._val_loader is None:
-            # DALI splits a set over at most as many readers as it has samples: the other ranks score none.
-            n = indexed_sample_count(list_shards(d.val_shards))
-            readers = self.dist.world_size if n is None else max(1, min(self.dist.world_size, n))
-            self._val_loader = (ShardLoader(d.val_shards, self.micro_batch, self.spec, self.dist.rank, readers,
-                                            train=False, num_threads=d.num_threads, device=self.dist.device.type,
-                                            regions=self.regions)
-                                if self.dist.rank < readers else False)
+            self._val_loader = self._eval_loader(d.val_shards, self.regions)
         self.val_text.generator.manual_seed(self.val_seed)
         was_training = module.training
         module.eval()
@@ -174,7 +172,40 @@ class PretrainTask:
                     sums[k] = sums.get(k, 0) + out[k].float() * len(raw.metas)
                     counts[k] = counts.get(k, 0) + len(raw.metas)
         module.train(was_training)
-        return sample_means_over_ranks(sums, counts, list(EVAL_METRICS), device)
+        return {**metrics, **sample_means_over_ranks(sums, counts, list(EVAL_METRICS), device)}
+
+    def _eval_loader(self, shards, regions) -> ShardLoader | bool:
+        """This rank's reader of a held-out set; False on ranks beyond its sample count (DALI splits a set
+        over at most as many readers as it has samples: the other ranks score none)."""
+        d = self.cfg.data
+        n = indexed_sample_count(list_shards(shards))
+        readers = self.dist.world_size if n is None else max(1, min(self.dist.world_size, n))
+        if self.dist.rank >= readers:
+            return False
+        return ShardLoader(shards, self.micro_batch, self.spec, self.dist.rank, readers, train=False,
+                           num_threads=d.num_threads, device=self.dist.device.type, regions=regions)
+
+    @torch.no_grad()
+    def evaluate_retrieval(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype
+                           ) -> dict[str, float]:
+        """Zero-shot retrieval R@1/5/10 both ways on data.retrieval_shards (see pretrain/retrieval.py)."""
+        from soho_ds.pretrain.retrieval import retrieval_scores
+        from soho_ds.tasks.retrieval import recall_at_k
+
+        t, d = self.cfg.train, self.cfg.data
+        if self._retrieval_loader is None:
+            self._retrieval_loader = self._eval_loader(d.retrieval_shards, None)
+        batches = self._retrieval_loader.epochs() if self._retrieval_loader is not False else ()
+        tokenize = lambda texts: self.tokenizer(texts, padding="max_length", truncation=True,  # noqa: E731
+                                                max_length=d.max_text_len, return_tensors="pt")
+        was_training = module.training
+        module.eval()
+        scores, text_image = retrieval_scores(module, batches, tokenize, t.retrieval_rerank, t.retrieval_images,
+                                              device, dtype)
+        module.train(was_training)
+        recall = recall_at_k(scores, text_image)
+        return {**{f"retrieval/{k}": v for k, v in recall.items()},
+                "retrieval/images": float(scores.shape[0]), "retrieval/captions": float(scores.shape[1])}
 
 
 # What the held-out evaluation reports, where the model's configuration computes it.

@@ -130,6 +130,25 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+BEST = "best"
+
+
+def mark_best(ckpt_dir: str | Path, step: int, metric: str, value: float) -> None:
+    """Names `tag_for(step)` the best checkpoint so far (checkpoints/best), its score in best.json."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir / "best.json.tmp"
+    tmp.write_text(json.dumps({"tag": tag_for(step), "step": step, "metric": metric, "value": value}))
+    os.replace(tmp, ckpt_dir / "best.json")
+    tmp = ckpt_dir / "best.tmp"
+    tmp.write_text(tag_for(step))
+    os.replace(tmp, ckpt_dir / BEST)
+
+
+def best_record(ckpt_dir: str | Path) -> dict | None:
+    path = Path(ckpt_dir) / "best.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def saved_meta(ckpt_dir: str | Path, tag: str) -> dict:
     """A checkpoint's meta.json: step, world size and what the run passed to `save` as `meta`."""
     meta = Path(ckpt_dir) / tag / "meta.json"

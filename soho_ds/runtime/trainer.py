@@ -185,6 +185,10 @@ class Trainer:
         self.eval_log = f"{cfg.train.output_dir}/eval.jsonl"
         self.train_log = f"{cfg.train.output_dir}/train.jsonl"
         self._t_fit = time.time()
+        self._eval_s = 0.0
+        t = cfg.train
+        self.best_metric = t.best_metric or ("retrieval/rsum" if getattr(cfg.data, "retrieval_shards", ()) and
+                                             not cfg.task.name else None)
         soho = getattr(engine.module, "model", None)
         self.flops = FlopModel(soho, dist_info.device) if soho is not None else None
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
@@ -220,13 +224,38 @@ class Trainer:
         self.logger.info("state digest @ step %d: %s", step, checkpoint.format_digest(checkpoint.state_digest(self.engine)))
 
     def evaluate(self, step: int) -> dict[str, float]:
+        t0 = time.time()
         metrics = self.task.evaluate(self.engine.module, self.dist.device, self.dtype)
         if not metrics:  # nothing held out (pretraining without data.val_shards)
             return metrics
-        self.logger.scalars(step, {f"val/{k}": v for k, v in metrics.items()})
+        seconds = time.time() - t0
+        self._eval_s += seconds
+        share = self._eval_s / max(time.time() - self._t_fit, 1e-9)
+        self.logger.scalars(step, {**{f"val/{k}": v for k, v in metrics.items()}, "perf/eval_s": seconds,
+                                   "perf/eval_share": share})
         self.logger.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-        self.logger.record(self.eval_log, {"step": step, "wall_s": round(time.time() - self._t_fit, 1), **metrics})
+        self.logger.info("evaluation took %.1f s; evaluations so far are %.1f%% of the run's time", seconds,
+                         100 * share)
+        self.logger.record(self.eval_log, {"step": step, "wall_s": round(time.time() - self._t_fit, 1),
+                                           "eval_s": round(seconds, 2), **metrics})
+        self._keep_if_best(step, metrics)
         return metrics
+
+    def _keep_if_best(self, step: int, metrics: dict[str, float]) -> None:
+        """A new best by train.best_metric: this step's checkpoint is written (if it is not yet) and named
+        in checkpoints/best, with the score in checkpoints/best.json."""
+        name = self.best_metric
+        if name is None or name not in metrics:
+            return
+        best = checkpoint.best_record(self.ckpt_dir)
+        if best is not None and metrics[name] <= best["value"]:
+            return
+        if checkpoint.latest_tag(self.ckpt_dir) != checkpoint.tag_for(step):
+            self.save(step)
+        if self.dist.is_main:
+            checkpoint.mark_best(self.ckpt_dir, step, name, metrics[name])
+        self.logger.info("best %s so far: %.4f at step %d (checkpoints/best -> %s)", name, metrics[name], step,
+                         checkpoint.tag_for(step))
 
     def restore(self) -> None:
         """Loads the latest checkpoint of output_dir: weights, optimizer, schedule, RNG and data position."""
@@ -318,7 +347,7 @@ class Trainer:
         if resume:
             self.restore()
         start = step = engine.global_steps
-        self._t_fit = time.time()
+        self._t_fit, self._eval_s = time.time(), 0.0
         soho = getattr(engine.module, "model", None)
         self._held_back = int(soho.held_back) if soho is not None and hasattr(soho, "held_back") else 0
         batches = self.task.train_batches()

@@ -87,8 +87,8 @@ def rows(run):
     return {r["step"]: r for r in map(json.loads, (run / "train.jsonl").read_text().splitlines())}
 
 
-def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm(sources, tmp_path, world_of_one,
-                                                                              monkeypatch):
+def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_and_a_crash(
+        sources, tmp_path, world_of_one, monkeypatch):
     mix = (f"[{{name: small, shards: {sources}/small, weight: 3}}, "
            f"{{name: large, shards: {sources}/large, weight: 1}}]")
     sets = ["train.save_every=3", "train.log_every=1"]
@@ -112,6 +112,26 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm(
             if key.startswith(("loss", "acc/", "vd/", "data/")):
                 assert cut[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
     assert math.isclose(cut[6]["data/images_small"] + cut[6]["data/images_large"], 24)
+
+    # a crash right after step 5 (as SIGKILL: no checkpoint written on the way out): --resume goes back to
+    # step 3's checkpoint and steps 4 to 6 repeat the whole run's, counts included
+    from soho_ds.runtime import trainer
+
+    def crash(rank, step):
+        if step == 5:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer, "inject_fault", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, monkeypatch=monkeypatch)
+    assert (tmp_path / "crash/run/checkpoints/latest").read_text() == "step_00000003"
+    monkeypatch.undo()
+    pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, flags=["--resume"])
+    crashed = rows(tmp_path / "crash/run")
+    for step in (4, 5, 6):
+        for key, value in whole[step].items():
+            if key.startswith(("loss", "acc/", "vd/", "data/")):
+                assert crashed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
 def test_changed_weights_restart_the_data_order_with_a_warning(sources, tmp_path, world_of_one, monkeypatch):

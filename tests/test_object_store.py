@@ -173,22 +173,52 @@ def test_wrong_credentials_are_refused_naming_the_object(converted, monkeypatch)
         list_shards(converted)
 
 
+MID_RUN_DROP = """
+import os, signal, sys
+from soho_ds.data import storage
+from soho_ds.data.pipeline import ImageSpec, ShardLoader
+stream = ShardLoader("s3://going/one", 2, ImageSpec(mode="aspect", shorter_side=32, longer_side=48, stride=32),
+                     shuffle_buffer=1, num_threads=1).forever()
+print(f"first batch: {len(next(stream).metas)} images")
+os.killpg(int(sys.argv[1]), signal.SIGKILL)
+try:
+    for _ in range(64):  # DALI has a few batches read ahead; then its next read fails
+        next(stream)
+except storage.StorageError as e:
+    print(f"StorageError: {e}")
+"""
+
+
 def test_a_dropped_connection_is_named_with_the_object(server, tmp_path, monkeypatch):
-    """A second server holding one shard goes away: the next request names the object and the endpoint."""
+    """A second server goes away, before a start and in the middle of training: the next request, or
+    DALI's failure, is reported naming the object and the endpoint."""
     port = free_port()
     proc = start_server(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    key_id, secret = issue_keys(endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    storage.client().create_bucket(Bucket="going")
-    write_split(tmp_path / "one", 4, 4, 32, 2, "one_", 0)
-    for p in sorted((tmp_path / "one").iterdir()):
-        storage.upload(p, f"s3://going/one/{p.name}")
-    paths = list_shards("s3://going/one")
-    assert trusted_index_paths(paths) == ["s3://going/one/000000.idx"]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with pytest.raises(storage.StorageError, match=rf"s3://going/one/000000.idx.json: no connection to {endpoint}"):
-        trusted_index_paths(paths)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        key_id, secret = issue_keys(endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        storage.client().create_bucket(Bucket="going")
+        write_split(tmp_path / "one", 64, 8, 32, 2, "one_", 0)
+        for p in sorted((tmp_path / "one").iterdir()):
+            storage.upload(p, f"s3://going/one/{p.name}")
+        paths = list_shards("s3://going/one")
+        assert len(trusted_index_paths(paths)) == 8
+        # DALI keeps one S3 client per process, made with the first endpoint it saw: a fresh process reads
+        # from this server, takes a batch, kills the server, and reads on
+        child = subprocess.run([sys.executable, "-c", MID_RUN_DROP, str(proc.pid)], capture_output=True, text=True,
+                               env={**ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key_id,
+                                    "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}, timeout=300)
+        proc.wait()
+        assert child.returncode == 0, child.stderr[-3000:]
+        assert child.stdout.startswith("first batch: 2 images\nStorageError: reading the shards stopped: "
+                                       f"s3://going/one/000000.tar: no connection to {endpoint} "), child.stdout
+        assert "restart with --resume" in child.stdout
+        with pytest.raises(storage.StorageError, match=rf"s3://going/one/000000.idx.json: no connection to {endpoint}"):
+            trusted_index_paths(paths)
+    finally:
+        if proc.poll() is None:  # the test failed before the child killed it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -341,10 +341,17 @@ class ShardLoader:
         except RuntimeError as e:
             raise self._decode_error(e) from None
 
-    def _decode_error(self, error: RuntimeError) -> SampleDecodeError:
-        """DALI names no sample when a decode fails: find the undecodable ones in this loader's shards."""
-        log.error("DALI stopped (%s); looking for the sample that does not decode in %d shards ...",
+    def _decode_error(self, error: RuntimeError) -> ReportedError:
+        """DALI names neither the object it could not read nor the sample it could not decode: an object
+        store that stopped answering is named first; else the undecodable samples of these shards."""
+        log.error("DALI stopped (%s); looking for the cause in %d shards ...",
                   str(error).splitlines()[-1][:200] if str(error) else "", len(self.paths))
+        for path in (p for p in self.paths if storage.is_s3(p)):
+            try:
+                storage.stat(path)
+            except storage.StorageError as e:  # the first object that does not answer is enough
+                return storage.StorageError(f"reading the shards stopped: {e}. Nothing was lost: once the store "
+                                            "answers, restart with --resume to continue from the last checkpoint")
         bad = find_undecodable(self.paths)
         where = ("; ".join(f"{shard}:{key} ({reason})" for shard, key, reason in bad[:5])
                  if bad else "no sample failed when decoded alone (see DALI's message above)")

@@ -87,6 +87,7 @@ def rows(run):
     return {r["step"]: r for r in map(json.loads, (run / "train.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_and_a_crash(
         sources, tmp_path, world_of_one, monkeypatch):
     mix = (f"[{{name: small, shards: {sources}/small, weight: 3}}, "
@@ -134,6 +135,7 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_
                 assert crashed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
+@pytest.mark.slow
 def test_changed_weights_restart_the_data_order_with_a_warning(sources, tmp_path, world_of_one, monkeypatch):
     mix = "[{{name: small, shards: {0}/small, weight: {1}}}, {{name: large, shards: {0}/large, weight: 1}}]"
     pretrain_in_process(tmp_path, mix.format(sources, 3), 2, sets=["train.save_every=2"], monkeypatch=monkeypatch)

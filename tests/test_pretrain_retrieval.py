@@ -74,6 +74,7 @@ def test_two_stage_scores_match_every_pair_computed_alone(pretrainer_and_batches
     assert scores.shape == (5, int((text_image < 5).sum())) and torch.equal(got_image, text_image[text_image < 5])
 
 
+@pytest.mark.slow
 def test_pretraining_measures_retrieval_at_each_evaluation_and_keeps_the_best_checkpoint(synthetic_data, tmp_path,
                                                                                          world_of_one, monkeypatch):
     pretrain_in_process(tmp_path, f"{synthetic_data}/train", 4,

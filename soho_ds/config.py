@@ -369,7 +369,8 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
-def _validate(cfg: RunConfig) -> None:
+def _check_values(cfg: RunConfig) -> None:
+    """Each value of the config in its range, and the training sources well formed."""
     m, d, p, t, s = cfg.model, cfg.data, cfg.pretrain, cfg.train, cfg.semantic
     checks = [
         (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}"),
@@ -425,6 +426,12 @@ def _validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"{cfg.source}: {key} {msg}")
     _check_sources(cfg)
+
+
+def _validate(cfg: RunConfig) -> None:
+    """Every value in range, then what a run needs of the file system (the paths it names exist)."""
+    _check_values(cfg)
+    m, d, t = cfg.model, cfg.data, cfg.train
     if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         raise ConfigError(f"{cfg.source}: train.output_dir {t.output_dir} is a file, not a folder: choose a folder")
     k = cfg.task
@@ -538,4 +545,6 @@ def saved_run_config(tree: dict, source: str) -> RunConfig:
         cfg = _build(RunConfig, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return dataclasses.replace(cfg, source=source)
+    cfg = dataclasses.replace(cfg, source=source)
+    _check_values(cfg)
+    return cfg

@@ -119,6 +119,11 @@ def test_overrides_pass_through_the_same_validation(tmp_path):
     # the saved run config (plain mappings) reads back to the same sources
     from soho_ds.config import saved_run_config
     assert saved_run_config(mixed.to_dict(), "saved").data.train_sources == mixed.data.train_sources
+    # a saved config is held to the same ranges as a YAML (its paths need not exist)
+    broken = mixed.to_dict()
+    broken["model"]["vd_momentum"] = 1.5
+    with pytest.raises(ConfigError, match=r"saved: model.vd_momentum must be in \[0, 1\)"):
+        saved_run_config(broken, "saved")
 
 
 def test_the_checkpoint_carries_the_model(tmp_path):

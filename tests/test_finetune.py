@@ -56,6 +56,8 @@ def test_nlvr2_finetune_learns_its_training_pairs_and_scores_the_full_dev_split(
     assert metrics["num_examples"] == 40
     rows = [json.loads(line) for line in (tmp_path / "nlvr2/run/train.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 0.69 - 0.1 and rows[-1]["loss"] < 0.5, [(r["step"], r["loss"]) for r in rows]
+    # images/s counts both images of each example: 16 examples a step are 32 images
+    assert all(r["perf/img_per_s"] * r["perf/step_s"] == pytest.approx(32) for r in rows)
 
 
 @pytest.mark.slow

@@ -112,6 +112,11 @@ def test_vqa_vocab_and_soft_targets():
     assert vocab == ["no", "2"]  # 12 "no", 10 "2" (after normalisation), 8 "yes" cut by the size
     t = soft_targets(qs[0].answers, {a: i for i, a in enumerate(vocab)})
     assert t.tolist() == pytest.approx([2 / 3, 0.0])
+    from soho_ds.tasks.base import AnnotationError
+
+    with pytest.raises(AnnotationError, match=r"1 of 4 questions have no answers \(question 9 first\).*give "
+                                              r"task.train_answers"):
+        build_answer_vocab(qs + [VQAQuestion(9, 1, "q", None)], 2)
 
 
 def test_question_only_prior_by_hand():

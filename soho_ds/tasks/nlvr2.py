@@ -65,6 +65,7 @@ class NLVR2Task(ExampleTask):
 
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
         super().__init__(cfg, dist_info, micro_batch, init)
+        self.images_per_batch = 2 * micro_batch  # each example is a pair of images
         t = cfg.task
         names = lambda e: list(e.images)  # noqa: E731
         self.train_examples = self.keep_present(read_nlvr2(t.train_file), names, t.train_file) if t.train_file else []

@@ -143,6 +143,11 @@ def _ranked(counts: Counter) -> list[str]:
 
 def build_answer_vocab(questions: list[VQAQuestion], size: int) -> list[str]:
     """The `size` most frequent normalised answers (all 10 per question), ties broken alphabetically."""
+    unanswered = [q.question_id for q in questions if q.answers is None]
+    if unanswered:
+        raise AnnotationError(f"{len(unanswered)} of {len(questions)} questions have no answers (question "
+                              f"{unanswered[0]} first): the answer vocabulary is built from annotated questions; "
+                              "give task.train_answers, the annotations of task.train_file")
     return _ranked(Counter(normalize_answer(a) for q in questions for a in q.answers))[:size]
 
 

@@ -63,9 +63,12 @@ def test_nlvr2_finetune_learns_its_training_pairs_and_scores_the_full_dev_split(
 @pytest.mark.slow
 def test_retrieval_finetune_scores_the_full_split_and_its_folds(downstream, tmp_path, world_of_one):
     metrics = run_finetune("retrieval", "finetune_retrieval_synthetic.yaml", downstream, tmp_path, steps=20,
-                           extra=["task.eval_folds=2"])
+                           extra=["task.eval_folds=2", "train.best_metric=rsum"])
     assert metrics["num_images"] == 40 and metrics["num_texts"] == 200  # every test image, every caption
     assert metrics["rsum"] == sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     # a fold holds half the images: its chance R@10 is twice the full split's, and so is a random model's
     assert {"2fold/t2i_r1", "2fold/i2t_r10", "2fold/rsum"} <= set(metrics)
     assert (tmp_path / "retrieval" / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    # train.best_metric keeps the best evaluation's checkpoint for any task: here the only one, the last
+    best = json.loads((tmp_path / "retrieval/run/checkpoints/best.json").read_text())
+    assert best == {"tag": "step_00000020", "step": 20, "metric": "rsum", "value": metrics["rsum"]}

@@ -71,6 +71,7 @@ class PretrainTask:
         self.loader = self._train_loader(cfg.train.seed)
         self._val_loader = None
         self._retrieval_loader = None
+        self.best_metric = "retrieval/rsum" if d.retrieval_shards else None
         self.tokenizer = tokenizer
         self._last_metas: list[dict] = []
 

@@ -186,9 +186,8 @@ class Trainer:
         self.train_log = f"{cfg.train.output_dir}/train.jsonl"
         self._t_fit = time.time()
         self._eval_s = 0.0
-        t = cfg.train
-        self.best_metric = t.best_metric or ("retrieval/rsum" if getattr(cfg.data, "retrieval_shards", ()) and
-                                             not cfg.task.name else None)
+        # the task may propose the figure whose best checkpoint is kept; train.best_metric decides
+        self.best_metric = cfg.train.best_metric or getattr(task, "best_metric", None)
         soho = getattr(engine.module, "model", None)
         self.flops = FlopModel(soho, dist_info.device) if soho is not None else None
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")

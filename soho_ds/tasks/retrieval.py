@@ -7,10 +7,10 @@ official captions JSON (`captions_val2014.json`) and Flickr30k-Entities `Sentenc
 Evaluation scores every (image, caption) pair with the ITM head. Each image's visual tokens
 are computed once and reused for all captions; captions are scored in chunks of
 `task.eval_batch` per forward pass, and ranks split the images. Ties in the scores are ranked
-by position (a lower index first), so the same scores always give the same recall. 1k images x 5k captions is
-5M fused pairs of ~40 tokens: at ~20k pairs/s for BERT-base in fp16 on one H100 (an estimate
-from the measured 648 img/s training step, which carries 4 captions per image plus backward)
-that is about 4 minutes on one GPU, 30 s on 8; COCO 5k x 25k is 25x that.
+by position (a lower index first), so the same scores always give the same recall. The cost
+grows with images x captions (COCO 1k: 5M fused pairs; 5k: 25 times that), which is why large
+sets rank by the ITC first stage and rerank only the best with ITM (pretraining's retrieval,
+tools/retrieve.py); measured rates are in benchmarks/ and docs/performance.md.
 """
 from __future__ import annotations
 

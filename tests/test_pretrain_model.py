@@ -213,3 +213,31 @@ def test_itc_takes_one_matched_caption_per_image_and_skips_images_without_one():
     matched = torch.tensor([False, True, True, True, False, False])
     first, has_text = first_matched_caption(image_index, matched, 3)
     assert first.tolist() == [1, 2, 0] and has_text.tolist() == [True, True, False]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """model.grad_checkpointing recomputes the CNN stages and the transformer layers in the backward pass
+    instead of keeping their activations: the loss and every gradient are those of the plain model."""
+    torch.manual_seed(0)
+    plain = SohoModel(tiny_model_config(use_vd=False, freeze_stem=False)).train()
+    recomputed = SohoModel(tiny_model_config(use_vd=False, freeze_stem=False, grad_checkpointing=True)).train()
+    recomputed.load_state_dict(plain.state_dict())
+    assert recomputed.backbone.grad_checkpointing and recomputed.fusion.bert.is_activation_checkpointing
+    images = torch.randn(2, 3, 64, 96)
+    ids = torch.randint(1000, 2000, (2, 8))
+    mask = torch.ones_like(ids)
+    losses = []
+    for model in (plain, recomputed):
+        visual = model.encode_image(images)
+        sequence, pooled = model.fuse(ids, mask, visual)
+        loss = model.settle(sequence.square().mean() + pooled.mean() + visual.features.mean())
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    again = {n: p.grad for n, p in recomputed.named_parameters() if p.grad is not None}
+    # the checkpointed CNN stages and transformer layers are in the graph
+    assert set(grads) == set(again) and any(n.startswith("backbone.layer2") for n in grads)
+    assert any(".layer.1." in n for n in grads), sorted(grads)[:5]
+    for name, g in grads.items():
+        assert torch.allclose(g, again[name], rtol=1e-5, atol=1e-7), name

@@ -53,7 +53,7 @@ class CrossModalEncoder(nn.Module):
         else:
             self.bert = BertModel(bert_config(cfg), add_pooling_layer=cfg.pooling == "cls")
         if cfg.grad_checkpointing:
-            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.config = self.bert.config
         self.pooling = cfg.pooling
 

@@ -87,6 +87,14 @@ def test_tensorboard_has_every_training_scalar(two_rank_run):
     picture = events.Images("pictures/0")[-1]
     assert picture.width >= 2 * 64 and picture.height > 64  # image and overlay side by side, caption below
     assert "vd/entry_count" in events.Tags()["histograms"]
+    # memory: the fullest rank's device memory and each rank's host memory, every interval
+    for tag in ("perf/memory_gib", "perf/memory_gib_max", "perf/rss_gib"):
+        assert [e.step for e in events.Scalars(tag)][:20] == list(range(1, 21)) and events.Scalars(tag)[-1].value > 0
+    # the run config and the DeepSpeed JSON as text: what this run was, next to its curves
+    texts = {tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]
+             if tag.startswith("config/")}
+    assert "max_steps: 20" in texts["config/run/text_summary"] and "save_every: 10" in texts["config/run/text_summary"]
+    assert "train_micro_batch_size_per_gpu: 4" in texts["config/deepspeed/text_summary"]
 
 
 @pytest.mark.slow

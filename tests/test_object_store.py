@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -152,6 +153,32 @@ def test_index_shards_checks_and_indexes_shards_in_the_store(converted, server):
         trusted_index_paths(paths)
     assert index_shards(url)["kept"] == 8
     assert len(trusted_index_paths(paths)) == 2
+
+
+def test_detections_attach_from_the_store_to_the_store(converted, tmp_path):
+    """tools/attach_detections.py with both sides in the store: every sample copied, the found ones with
+    their boxes, the new prefix indexed and trusted; a filled prefix refused."""
+    import numpy as np
+
+    from soho_ds.data.detections import attach_detections, open_detections
+
+    (tmp_path / "npz").mkdir()
+    keys = []
+    for tar in list_shards(converted):
+        with storage.local_file(tar) as local, tarfile.open(local) as t:
+            keys += [m.name[:-len(".json")] for m in t.getmembers() if m.name.endswith(".json")]
+    for key in keys[:5]:  # detections for 5 of the 12 images, two boxes each
+        np.savez(tmp_path / "npz" / f"{key}.npz", bbox=np.array([[0, 0, 10, 10], [5, 5, 30, 20]], np.float32),
+                 image_w=64, image_h=48, objects_id=np.array([3, 7]))
+    out = f"s3://{BUCKET}/cc_det"
+    report = attach_detections(converted, out, open_detections(tmp_path / "npz"), features=False)
+    assert (report["samples"], report["with_detections"], report["boxes"]) == (12, 5, 10)
+    paths = list_shards(out)
+    assert len(paths) == 3 and len(trusted_index_paths(paths)) == 3
+    with storage.local_file(paths[0]) as local, tarfile.open(local) as t:
+        assert any(m.name.endswith(".boxes.npy") for m in t.getmembers())
+    with pytest.raises(ShardError, match=rf"{out} already holds 3 shards"):
+        attach_detections(converted, out, open_detections(tmp_path / "npz"), features=False)
 
 
 def test_a_missing_object_is_named(converted):

@@ -246,24 +246,15 @@ def write_shards(records: Iterable[Record], out: str | Path, settings: dict, sam
 
 def _write_shards_to_store(records, url: str, settings: dict, samples_per_shard: int, workers: int,
                            max_side: int | None, total: int | None, progress: bool) -> dict:
-    there = storage.list_tars(url)
-    if there or storage.exists(storage.join(url, MANIFEST)):
-        raise ConversionError(f"{url} already holds {len(there)} shards or a {MANIFEST}: choose another prefix "
-                              "(nothing is overwritten)")
-    from soho_ds.data.shards import index_path, record_path, tar_stamp
+    from soho_ds.data.shards import ShardError, refuse_filled_prefix, upload_shards
 
+    try:
+        refuse_filled_prefix(url)
+    except ShardError as e:
+        raise ConversionError(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="soho_ds_convert_") as stage:
         manifest = write_shards(records, stage, settings, samples_per_shard, workers, max_side, total, progress)
-        for tar in sorted(Path(stage).glob("*.tar")):
-            remote = storage.join(url, tar.name)
-            storage.upload(tar, remote)
-            if (index := Path(index_path(tar))).exists():
-                storage.upload(index, index_path(remote))
-            if (record := Path(record_path(tar))).exists():  # last: an index is trusted with its record
-                stamped = {k: v for k, v in json.loads(record.read_text()).items() if k != "tar_mtime_ns"}
-                storage.write_text(record_path(remote), json.dumps({**stamped, **tar_stamp(remote)}))
-        storage.upload(Path(stage) / MANIFEST, storage.join(url, MANIFEST))  # last: the conversion is complete
-    log.info("%s: %d shards uploaded", url, len(manifest["shards"]))
+        log.info("%s: %d shards uploaded", url, upload_shards(stage, url))
     return manifest
 
 

@@ -22,13 +22,15 @@ import io
 import json
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from soho_ds.data import storage
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, detections_entry, normalised_boxes, npy_bytes
-from soho_ds.data.shards import index_shards, list_shards
+from soho_ds.data.shards import index_shards, list_shards, refuse_filled_prefix, upload_shards
 
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes",
                  "boxes", "features")
@@ -151,15 +153,23 @@ def open_detections(path: str | Path, attr_threshold: float = 0.0):
 
 def attach_detections(shards: str, out_dir: str | Path, source, features: bool = True) -> dict:
     """Copies every shard of `shards` into `out_dir` with detections attached; indexes the result.
+    Either side may be an object store prefix (s3://...): input objects are read through a temporary
+    file each, and output is written locally, checked, then uploaded.
 
     Returns counts: samples, with detections, without (kept, with an empty entry) and boxes.
     """
+    if storage.is_s3(out_dir):
+        refuse_filled_prefix(str(out_dir))
+        with tempfile.TemporaryDirectory(prefix="soho_ds_detections_") as stage:
+            report = attach_detections(shards, stage, source, features)
+            upload_shards(stage, str(out_dir))
+        return report
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"samples": 0, "with_detections": 0, "without_detections": [], "boxes": 0}
     for path in list_shards(shards):
-        with tarfile.open(path) as tin, tarfile.open(out_dir / Path(path).name, "w",
-                                                     format=tarfile.USTAR_FORMAT) as tout:
+        with storage.local_file(path) as local, tarfile.open(local) as tin, tarfile.open(
+                out_dir / storage.name(path), "w", format=tarfile.USTAR_FORMAT) as tout:
             members = [m for m in tin.getmembers() if m.isfile()]
             data = {m.name: tin.extractfile(m).read() for m in members}
             for m in members:

@@ -439,6 +439,32 @@ def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
     return repeated
 
 
+def upload_shards(folder: str | Path, url: str) -> int:
+    """Uploads a local folder of checked shards to an object store prefix: each tar, then its index, then
+    its record restamped with the object's size and ETag (an index is trusted only with its record),
+    manifest.json last. Returns the number of tars."""
+    tars = sorted(Path(folder).glob("*.tar"))
+    for tar in tars:
+        remote = storage.join(url, tar.name)
+        storage.upload(tar, remote)
+        if Path(index_path(tar)).exists():
+            storage.upload(index_path(tar), index_path(remote))
+        if Path(record_path(tar)).exists():
+            record = {k: v for k, v in json.loads(Path(record_path(tar)).read_text()).items() if k != "tar_mtime_ns"}
+            storage.write_text(record_path(remote), json.dumps({**record, **tar_stamp(remote)}))
+    if (Path(folder) / "manifest.json").exists():
+        storage.upload(Path(folder) / "manifest.json", storage.join(url, "manifest.json"))
+    return len(tars)
+
+
+def refuse_filled_prefix(url: str) -> None:
+    """Nothing is overwritten in a store either: a prefix that holds shards or a manifest is refused."""
+    there = storage.list_tars(url)
+    if there or storage.exists(storage.join(url, "manifest.json")):
+        raise ShardError(f"{url} already holds {len(there)} shards or a manifest.json: choose another prefix "
+                         "(nothing is overwritten)")
+
+
 # --- the loader's side ---------------------------------------------------------------------------
 
 def fix_command(paths: list[str]) -> str:

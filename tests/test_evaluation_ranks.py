@@ -64,10 +64,21 @@ class RetrievalStandIn(nn.Module):
 # (case, split root, examples kept): pretraining held-out splits of 5 and 2 samples (micro-batch 2:
 # no rank count divides 5; 2 is fewer than 3 ranks), task splits cut to counts that do not divide.
 CASES = [("pretrain", "held_out5", 0), ("pretrain", "held_out2", 0), ("vqa", "downstream", 5),
-         ("vqa", "downstream", 2), ("snli_ve", "downstream", 7), ("retrieval", "downstream", 5)]
+         ("vqa", "downstream", 2), ("snli_ve", "downstream", 7), ("retrieval", "downstream", 5),
+         ("pretrain_retrieval", "held_out5", 0)]
 
 
 def _task_and_module(case: str, root: str, keep: int, info: DistInfo, out: str):
+    if case == "pretrain_retrieval":  # the real tiny model, the same weights on every rank; square images
+        from launching import TINY_MODEL  # (no padding, so an image's scores do not depend on its batch)
+        from soho_ds.pretrain.model import SohoPretrainer
+        from soho_ds.pretrain.task import PretrainTask
+
+        cfg = load_config(ROOT / "configs" / "pretrain_synthetic.yaml", TINY_MODEL + [
+            f"data.train_shards={root}/train", "data.val_shards=null", f"data.retrieval_shards={root}/val",
+            "data.image_mode=square", "data.image_size=64", "train.retrieval_rerank=2"])
+        torch.manual_seed(0)
+        return PretrainTask(cfg, info, 2, stride=32), SohoPretrainer(cfg.model, cfg.pretrain).eval()
     if case == "pretrain":
         from soho_ds.pretrain.task import PretrainTask
 
@@ -145,6 +156,25 @@ def test_pretraining_evaluation_scores_every_held_out_sample_once_on_1_2_and_3_r
     for world, per_rank in results.items():
         for rank, metrics in enumerate(per_rank):
             assert metrics[case] == pytest.approx(expected, rel=1e-6), (world, rank)
+
+
+def test_retrieval_while_pretraining_is_the_same_on_1_2_and_3_ranks(evaluations):
+    """Each rank encodes its slice of the held-out images; the ITC first stage and the ITM rerank meet
+    across ranks: every image and caption is ranked once and the recall is that of one rank."""
+    results, roots = evaluations
+    one = results[1][0][6]
+    import tarfile
+
+    captions = 0
+    for shard in list_shards(f"{roots['held_out5']}/val"):
+        with tarfile.open(shard) as tar:
+            captions += sum(len(json.load(tar.extractfile(m))["captions"]) for m in tar if m.name.endswith(".json"))
+    assert one["retrieval/images"] == 5.0 and one["retrieval/captions"] == captions
+    assert one["retrieval/rsum"] == pytest.approx(sum(one[f"retrieval/{d}_r{k}"] for d in ("i2t", "t2i")
+                                                      for k in (1, 5, 10)))
+    for world, per_rank in results.items():
+        for rank, metrics in enumerate(per_rank):
+            assert metrics[6] == pytest.approx(one, rel=1e-6), (world, rank)
 
 
 @pytest.mark.parametrize("case", [2, 3, 4, 5])

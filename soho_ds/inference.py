@@ -13,23 +13,17 @@ checkpoints answer questions, NLVR2 and SNLI-VE checkpoints classify.
 from __future__ import annotations
 
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from soho_ds.config import ConfigError, RunConfig, TrainConfig, saved_run_config
+from soho_ds import saved
+from soho_ds.config import ConfigError, RunConfig
 from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.soho import VisualTokens
 from soho_ds.models.weights import load_checked
-from soho_ds.runtime.checkpoint import find_run_config, load_weights
-
-NLVR2_LABELS = ("False", "True")
-SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
 
 
 def _encoded(image) -> np.ndarray:
@@ -50,27 +44,17 @@ def _encoded(image) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def _build_module(cfg: RunConfig, vocab: list[str] | None) -> tuple[torch.nn.Module, str]:
-    from soho_ds.tasks import TASKS
-
-    name = cfg.task.name
-    if not name:
+def build_module(cfg: RunConfig, task: str, vocab: list[str] | None) -> torch.nn.Module:
+    """The module a saved model of `task` ("pretrain" or a key of TASKS) is rebuilt into."""
+    if task == "pretrain":
         from soho_ds.pretrain.model import SohoPretrainer
 
-        return SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic), "pretrain"
-    if name not in TASKS:
-        raise ConfigError(f"{cfg.source}: task.name {name!r} is not one of {sorted(TASKS)}")
-    if name == "vqa":
-        from soho_ds.tasks.vqa import VQAModel
+        return SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
+    from soho_ds.tasks import TASKS
 
-        if vocab is None:
-            raise ConfigError(f"{cfg.source}: a VQA model needs its answer_vocab.json beside it")
-        return VQAModel(cfg, len(vocab)), name
-    from soho_ds.tasks.nlvr2 import NLVR2Model
-    from soho_ds.tasks.retrieval import RetrievalModel
-    from soho_ds.tasks.snli_ve import SNLIVEModel
-
-    return {"retrieval": RetrievalModel, "nlvr2": NLVR2Model, "snli_ve": SNLIVEModel}[name](cfg), name
+    if task not in TASKS:
+        raise ConfigError(f"{cfg.source}: task.name {task!r} is not one of {sorted(TASKS)}")
+    return TASKS[task].build_model(cfg, vocab)
 
 
 class SohoPredictor:
@@ -154,6 +138,11 @@ class SohoPredictor:
                     scores[part.start + r, t] = head(pooled).float().softmax(-1)[:, 1].cpu()
         return scores
 
+    def _labels(self) -> tuple[str, ...]:
+        from soho_ds.tasks import TASKS
+
+        return TASKS[self.task].labels
+
     def _logits(self, images: list, texts: list[str], task: str) -> torch.Tensor:
         if self.task != task:
             raise ValueError(f"this is a {self.task} model, not a {task} one")
@@ -180,70 +169,22 @@ class SohoPredictor:
         for part in self._chunks(len(sentences)):
             batch = {**self.tokenize(sentences[part]), **self.preprocess(list(left[part]) + list(right[part]))}
             out.append(self.module.logits(batch).float().softmax(-1).cpu())
-        return [dict(zip(NLVR2_LABELS, p)) for p in torch.cat(out).tolist()]
+        return [dict(zip(self._labels(), p)) for p in torch.cat(out).tolist()]
 
     @torch.no_grad()
     def entailment(self, images: list, hypotheses: list[str]) -> list[dict[str, float]]:
         """SNLI-VE: P(entailment / neutral / contradiction) of each hypothesis about its image."""
         probs = self._logits(images, hypotheses, "snli_ve").softmax(-1)
-        return [dict(zip(SNLI_VE_LABELS, p)) for p in probs.tolist()]
-
-
-def read_saved(path: str | Path) -> tuple[RunConfig, list[str] | None]:
-    """The run config and (VQA) answer vocabulary saved with a checkpoint, consolidated file or export."""
-    saved = find_run_config(path)
-    if saved is None:
-        raise FileNotFoundError(f"{path}: no run_config.yaml beside it (a consolidated X.pt needs X.yaml; "
-                                "tools/export.py writes a folder that has everything)")
-    from soho_ds.tasks.vqa import read_answer_vocab
-
-    return saved_run_config(*saved), read_answer_vocab(path)
+        return [dict(zip(self._labels(), p)) for p in probs.tolist()]
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16) -> SohoPredictor:
     """A trained model from a checkpoint folder (or one of its tags), a consolidated .pt (with its .yaml),
     or an export folder (tools/export.py); on `device` (default: CUDA if present), in eval mode."""
-    path = Path(path)
-    cfg, vocab = read_saved(path)
-    module, task = _build_module(cfg, vocab)
-    state = load_weights(path)
-    own = module.state_dict()
+    model = saved.read(path)
+    cfg = model.config
+    module = build_module(cfg, model.task, model.vocab)
+    state, own = model.weights(), module.state_dict()
     load_checked(module, {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, str(path))
-    tokenizer_dir = str(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SohoPredictor(module, cfg, task, vocab, device, tokenizer_dir, batch_size)
-
-
-def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """A self-contained, shareable folder: run_config.yaml (the model), model.safetensors (every weight,
-    task head included; ZeRO shards consolidated by DeepSpeed's own zero_to_fp32), the tokenizer files
-    and, for VQA, answer_vocab.json. `load_model(out)` reads it."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    cfg, vocab = read_saved(checkpoint)
-    state = load_weights(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    # safetensors stores no shared tensors: tied weights (the MLM decoder) are written as copies
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "producer": "soho-ds"})
-    saved = cfg.to_dict()
-    # the model and how images and texts are prepared travel; the training machine's paths do not
-    # the tokenizer: copied below
-    saved["data"].update(tokenizer_dir=None, train_shards=[], val_shards=[], retrieval_shards=[])
-    saved["task"].update(train_file=None, eval_file=None, train_answers=None, eval_answers=None, image_root="")
-    saved["train"]["output_dir"] = TrainConfig.output_dir
-    (out / "run_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    load_tokenizer(cfg.data.tokenizer_dir).save_pretrained(str(out / "tokenizer"))
-    if vocab is not None:
-        (out / "answer_vocab.json").write_text(json.dumps(vocab))
-    (out / "README.md").write_text(f"A soho-ds {cfg.task.name or 'pretraining'} model exported from "
-                                   f"{Path(checkpoint).name}.\n\n    import soho_ds\n    model = "
-                                   f"soho_ds.load_model(\"{out.name}\")\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in out.rglob("*"):  # made to be shared: readable as any file this user writes
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    return out
+    return SohoPredictor(module, cfg, model.task, model.vocab, device, model.tokenizer_dir, batch_size)

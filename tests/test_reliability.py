@@ -230,9 +230,9 @@ def test_a_nan_input_is_a_skipped_counted_step_that_leaves_no_trace(tmp_path, wo
     assert ("step 3 skipped by DeepSpeed: non-finite gradients (1 in a row, 1 in all); its VD and BatchNorm "
             "statistics were held back (non-finite inputs or loss)") in messages
     assert not any(line.startswith("eval @") for line in messages.lines)  # nothing held out: no empty eval line
-    from soho_ds.runtime.checkpoint import load_weights
+    from soho_ds import saved
 
-    state = load_weights(tmp_path / "run/checkpoints")
+    state = saved.read(tmp_path / "run/checkpoints").weights()
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
@@ -272,13 +272,13 @@ def test_checkpoints_with_non_finite_values_are_never_written_nor_loaded(tmp_pat
     state["model.visual.vd.embed"][0, 0] = float("inf")
     torch.save(state, tmp_path / "bad.pt")
     shutil.copy(ckpt / "step_00000002" / "run_config.yaml", tmp_path / "bad.yaml")
+    from soho_ds import saved
     from soho_ds.tasks.retrieval import RetrievalModel
-    from soho_ds.config import saved_run_config
-    import yaml
 
-    model = RetrievalModel(saved_run_config(yaml.safe_load((tmp_path / "bad.yaml").read_text()), "bad.yaml"))
+    bad = saved.read(tmp_path / "bad.pt")
+    model = RetrievalModel(bad.config)
     with pytest.raises(ValueError, match=r"bad\.pt: 1 tensors hold NaN or infinite values \(visual\.vd\.embed\)"):
-        model.load_pretrained(str(tmp_path / "bad.pt"))
+        model.load_pretrained(bad)
     # and save refuses to write one
     net = torch.nn.Linear(2, 2)
     engine = build_engine(net, TrainConfig(lr=0.1, warmup_steps=0, max_steps=5),

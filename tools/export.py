@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from soho_ds.config import one_line_errors
-from soho_ds.inference import export
+from soho_ds.saved import write_export
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
-        out = export(a.checkpoint, a.out, a.overwrite)
+        out = write_export(a.checkpoint, a.out, a.overwrite)
     logging.info("exported %s -> %s (%s)", a.checkpoint, out, ", ".join(sorted(p.name for p in out.iterdir())))
 
 

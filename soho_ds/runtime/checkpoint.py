@@ -27,12 +27,12 @@ import torch.distributed as dist
 import yaml
 
 from soho_ds.config import ReportedError
-from soho_ds.models.weights import non_finite, read_state_dict
+from soho_ds.models.weights import non_finite
 from soho_ds.runtime.dist import host_group
+from soho_ds.saved import RUN_CONFIG, latest_tag
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.yaml"  # beside every tag, consolidated file and export
 
 
 class CheckpointError(ReportedError, RuntimeError):
@@ -123,11 +123,6 @@ def _write_error(partial: Path, error: BaseException | None, ranks_failed: int, 
                            f"{why}); {free} on {ckpt_dir}. The incomplete tag was removed; the last complete "
                            f"checkpoint is {latest_tag(ckpt_dir) or 'none'}. Free space or move train.output_dir, "
                            "then --resume")
-
-
-def latest_tag(ckpt_dir: str | Path) -> str | None:
-    path = Path(ckpt_dir) / "latest"
-    return path.read_text().strip() if path.exists() else None
 
 
 BEST = "best"
@@ -245,47 +240,3 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     for k, g in generators.items():
         g.set_state(state[k])
-
-
-# --- reading a trained model back: --init, load_model, export --------------------------------------
-
-def resolve_tag_dir(path: str | Path) -> Path:
-    """The tag folder of a checkpoint folder (its `latest`) or of a tag."""
-    path = Path(path)
-    if (path / "latest").exists():
-        return path / latest_tag(path)
-    return path
-
-
-def find_run_config(path: str | Path) -> tuple[dict, str] | None:
-    """(the run config saved with a checkpoint, where it was read), or None when there is none: a
-    checkpoint folder or tag holds RUN_CONFIG; an export folder too; a consolidated X.pt has X.yaml."""
-    path = Path(path)
-    candidates = [path.with_suffix(".yaml")] if path.is_file() else [resolve_tag_dir(path) / RUN_CONFIG,
-                                                                     path / RUN_CONFIG]
-    for c in candidates:
-        if c.is_file():
-            return yaml.safe_load(c.read_text()) or {}, str(c)
-    return None
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from a DeepSpeed checkpoint folder or tag (consolidated with DeepSpeed's own
-    zero_to_fp32), a .pt file or an export folder's model.safetensors."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return read_state_dict(str(path), "checkpoint")
-    if (path / "model.safetensors").is_file():
-        return load_weights(path / "model.safetensors")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if (path / "latest").exists():
-        return get_fp32_state_dict_from_zero_checkpoint(str(path))
-    if path.is_dir() and ((path.parent / "latest").exists() or list(path.glob("*model_states.pt"))):
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    raise CheckpointError(f"{path}: not a checkpoint (no 'latest' file, no model states, no model.safetensors, "
-                          "not a .pt)")

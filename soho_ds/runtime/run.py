@@ -20,6 +20,7 @@ import deepspeed
 import torch
 import yaml
 
+from soho_ds import saved
 from soho_ds.config import ConfigError, ReportedError, RunConfig, load_config
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, init_distributed
@@ -97,10 +98,10 @@ def move_previous_run(output_dir: str) -> Path | None:
 def warn_about_restored_settings(cfg: RunConfig, ckpt_dir: Path) -> None:
     """A resumed run keeps the optimizer's and scheduler's saved learning rates: says so where the YAML
     now asks for something else. Schedule shape (warm-up, decay, max_steps) follows the YAML."""
-    saved = checkpoint.find_run_config(ckpt_dir)
-    if saved is None:
+    tree = saved.read(ckpt_dir).config_tree
+    if tree is None:
         return
-    before = (saved[0].get("train") or {})
+    before = (tree.get("train") or {})
     now = cfg.to_dict()["train"]
     for key in RESTORED_BY_RESUME:
         old, new = before.get(key), now[key]

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from soho_ds import saved
 from soho_ds.config import ReportedError, RunConfig
 from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec, orientation_order
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.losses import classification_loss
 from soho_ds.models.soho import SohoModel
 from soho_ds.models.weights import WeightsError, load_checked, what_it_holds
-from soho_ds.runtime.checkpoint import load_weights
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import to_device
 
@@ -87,12 +87,11 @@ class FinetuneModel(nn.Module):
         """Ends a training forward: the VD and BatchNorm statistics stay only if the step is good."""
         return {**out, "loss": self.model.settle(out["loss"])}
 
-    def load_pretrained(self, path: str, same_task: bool = False) -> None:
-        """Loads a checkpoint (a DeepSpeed checkpoint folder, one of its tags, a consolidated .pt, or an
-        export). From this task's own checkpoint every weight, head included, must fit; from a
-        pretraining or another task's checkpoint, the SOHO weights and `reused_heads`, every key
+    def load_pretrained(self, model: saved.SavedModel, same_task: bool = False) -> None:
+        """Loads a saved model's weights. From this task's own model every weight, head included, must
+        fit; from a pretraining or another task's model, the SOHO weights and `reused_heads`, every key
         present with its shape, the other heads left out by name."""
-        state = load_weights(path)
+        state, path = model.weights(), model.path
         if same_task:
             load_checked(self, {k: v.to(self.state_dict()[k].dtype) if k in self.state_dict() else v
                                 for k, v in state.items()}, str(path))
@@ -130,6 +129,8 @@ class ExampleTask(ABC):
     remainder of an epoch is dropped), so no rank waits at a collective."""
 
     name: str = ""  # the key of soho_ds.tasks.TASKS and the value of task.name
+    model_class: type[FinetuneModel]
+    labels: tuple[str, ...] = ()  # a classifier's classes in the order of its head's outputs
 
     def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, init: str | None = None):
         self.cfg, self.dist, self.micro_batch, self.init = cfg, dist_info, micro_batch, init
@@ -244,9 +245,13 @@ class ExampleTask(ABC):
                                   f"micro-batch {B}: give more examples, fewer ranks or a smaller "
                                   "train_micro_batch_size_per_gpu")
 
-    @abstractmethod
+    @classmethod
+    def build_model(cls, cfg: RunConfig, vocab: list[str] | None = None) -> FinetuneModel:
+        """The task's model (SOHO + head) for `cfg`; also how a saved model of this task is rebuilt."""
+        return cls.model_class(cfg)
+
     def make_model(self) -> FinetuneModel:
-        """The task's model (SOHO + head) for this config."""
+        return self.build_model(self.cfg)
 
     @abstractmethod
     def chance(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ from soho_ds.config import RunConfig
 from soho_ds.models.heads import mlp_classifier
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
-LABELS = {"False": 0, "True": 1}
+LABELS = {label: i for i, label in enumerate(("False", "True"))}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class NLVR2Model(ClassifierModel):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = mlp_classifier(2 * h, 2 * h, 2, cfg.task.head_dropout)
+        self.head = mlp_classifier(2 * h, 2 * h, len(LABELS), cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         B = batch["input_ids"].shape[0]
@@ -62,6 +62,8 @@ class NLVR2Model(ClassifierModel):
 
 class NLVR2Task(ExampleTask):
     name = "nlvr2"
+    model_class = NLVR2Model
+    labels = tuple(LABELS)
 
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
         super().__init__(cfg, dist_info, micro_batch, init)
@@ -77,8 +79,6 @@ class NLVR2Task(ExampleTask):
     def chance(self) -> dict[str, float]:
         return {"accuracy": 50.0}
 
-    def make_model(self) -> NLVR2Model:
-        return NLVR2Model(self.cfg)
 
     def image_names(self, examples: list[NLVR2Example]) -> list[str]:
         return [e.images[0] for e in examples] + [e.images[1] for e in examples]

@@ -211,6 +211,7 @@ class RetrievalModel(FinetuneModel):
 
 class RetrievalTask(ExampleTask):
     name = "retrieval"
+    model_class = RetrievalModel
 
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
         super().__init__(cfg, dist_info, micro_batch, init)
@@ -222,9 +223,6 @@ class RetrievalTask(ExampleTask):
         if not self.eval_images_list:
             raise AnnotationError(f"{t.eval_file}: no image of split {t.eval_split!r}")
         self.train_examples = [(i, c) for i, im in enumerate(self.train_images_list) for c in im.captions]
-
-    def make_model(self) -> RetrievalModel:
-        return RetrievalModel(self.cfg)
 
     def eval_items(self) -> list:
         return self.eval_images_list

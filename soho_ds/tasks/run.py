@@ -7,9 +7,9 @@ import argparse
 import contextlib
 import logging
 
+from soho_ds import saved
 from soho_ds.config import ConfigError, RunConfig
 from soho_ds.models.weights import WeightsError
-from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
 from soho_ds.runtime.run import add_run_arguments, prepare, seed_rank
@@ -30,10 +30,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def finetune(args: argparse.Namespace, task_name: str, step_context=contextlib.nullcontext) -> dict[str, float]:
     """`step_context`: see Trainer (the tests count what a step does through it)."""
     task_cls = TASKS[task_name]
-    saved = checkpoint.find_run_config(args.init) if args.init else None
-    if args.init and saved is None:
+    init = saved.read(args.init) if args.init else None
+    init_config = (init.config_tree, str(init.config_file)) if init and init.config_tree is not None else None
+    if init and init_config is None:
         log.warning("%s has no %s beside it: the model is built from %s's model section", args.init,
-                    checkpoint.RUN_CONFIG, args.config)
+                    saved.RUN_CONFIG, args.config)
 
     def check(cfg: RunConfig) -> None:
         if cfg.task.name != task_name:
@@ -42,22 +43,21 @@ def finetune(args: argparse.Namespace, task_name: str, step_context=contextlib.n
         if not args.eval_only and not cfg.task.train_file:
             raise ConfigError(f"{cfg.source}: task.train_file is required to finetune (or pass --eval_only)")
 
-    run = prepare(args, saved, check, evaluate_only=args.eval_only)
+    run = prepare(args, init_config, check, evaluate_only=args.eval_only)
     cfg, dist_info = run.cfg, run.dist
     task = task_cls(cfg, dist_info, run.ds["train_micro_batch_size_per_gpu"], args.init)
     if not args.eval_only and not task.train_examples:
         raise AnnotationError(f"{cfg.task.train_file}: no training examples (for vqa: task.train_answers too)")
     task.check_sizes(training=not args.eval_only)
     module = task.make_model()
-    if args.init:
-        same_task = saved is not None and (saved[0].get("task") or {}).get("name") == task_name
+    if init:
         try:
-            module.load_pretrained(args.init, same_task=same_task)
+            module.load_pretrained(init, same_task=init.task == task_name)
         except WeightsError as e:
-            if saved is not None:
+            if init_config is not None:
                 raise
             raise WeightsError(f"{e} (the model was built from {args.config}'s model section: {args.init} has no "
-                               f"{checkpoint.RUN_CONFIG} beside it)") from None
+                               f"{saved.RUN_CONFIG} beside it)") from None
     else:
         log.info("no --init: finetuning from the random initialisation")
     engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)

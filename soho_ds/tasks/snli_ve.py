@@ -19,7 +19,7 @@ from soho_ds.models.heads import mlp_classifier
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 log = logging.getLogger(__name__)
-LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+LABELS = {label: i for i, label in enumerate(("entailment", "neutral", "contradiction"))}
 IMAGE_KEYS = ("Flickr30K_ID", "Flikr30kID")
 
 
@@ -64,6 +64,8 @@ class SNLIVEModel(ClassifierModel):
 
 class SNLIVETask(ExampleTask):
     name = "snli_ve"
+    model_class = SNLIVEModel
+    labels = tuple(LABELS)
 
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
         super().__init__(cfg, dist_info, micro_batch, init)
@@ -78,8 +80,6 @@ class SNLIVETask(ExampleTask):
     def chance(self) -> dict[str, float]:
         return {"accuracy": 100 / 3}
 
-    def make_model(self) -> SNLIVEModel:
-        return SNLIVEModel(self.cfg)
 
     def image_names(self, examples: list[SNLIVEExample]) -> list[str]:
         return [e.image for e in examples]

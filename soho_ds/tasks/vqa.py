@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from soho_ds.config import RunConfig
+from soho_ds import saved
+from soho_ds.config import ConfigError, RunConfig
 from soho_ds.models.heads import mlp_classifier
-from soho_ds.runtime.checkpoint import resolve_tag_dir
 from soho_ds.runtime.trainer import to_device
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
 
@@ -106,7 +106,6 @@ class VQAQuestion:
     subtype: str = ""  # the questions file's data_subtype, e.g. "val2014": where its images are
 
 
-ANSWER_VOCAB = "answer_vocab.json"  # beside every VQA checkpoint
 
 
 def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) -> list[VQAQuestion]:
@@ -194,20 +193,9 @@ class VQAModel(FinetuneModel):
         return self.finish({"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score})
 
 
-def read_answer_vocab(checkpoint: str | Path) -> list[str] | None:
-    """The answer vocabulary saved with a VQA checkpoint (folder, tag or export; beside a consolidated
-    X.pt: X.answer_vocab.json), if there is one."""
-    path = Path(checkpoint)
-    candidates = ([path.with_name(f"{path.stem}.{ANSWER_VOCAB}")] if path.is_file()
-                  else [resolve_tag_dir(path) / ANSWER_VOCAB, path / ANSWER_VOCAB])
-    for candidate in candidates:
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return None
-
-
 class VQATask(ExampleTask):
     name = "vqa"
+    model_class = VQAModel
 
     def __init__(self, cfg: RunConfig, dist_info, micro_batch: int, init: str | None = None):
         super().__init__(cfg, dist_info, micro_batch, init)
@@ -216,19 +204,19 @@ class VQATask(ExampleTask):
         # questions without their annotations cannot train (or build a vocabulary): evaluation only
         train = (self.keep_present(read_vqa(t.train_file, t.train_answers), files, t.train_file)
                  if t.train_file and t.train_answers else [])
-        saved = read_answer_vocab(init) if init else None
-        if saved is not None:
-            self.vocab = saved  # the head's answers: the checkpoint's, whatever the train files say now
+        saved_vocab = saved.read(init).vocab if init else None
+        if saved_vocab is not None:
+            self.vocab = saved_vocab  # the head's answers: the checkpoint's, whatever the train files say now
         elif train:
             self.vocab = build_answer_vocab(train, t.num_answers)
         else:
             raise AnnotationError(f"{cfg.source}: no answer vocabulary: give task.train_file and task.train_answers, "
-                                  f"or --init a VQA checkpoint (it carries {ANSWER_VOCAB})")
+                                  f"or --init a VQA checkpoint (it carries {saved.ANSWER_VOCAB})")
         self.vocab_index = {a: i for i, a in enumerate(self.vocab)}
         self.train_examples = train
         self.eval_questions = self.keep_present(read_vqa(t.eval_file, t.eval_answers), files, t.eval_file)
         log.info("VQA: %d train questions, %d answers in the vocabulary%s, %d eval questions", len(train),
-                 len(self.vocab), " (from the checkpoint)" if saved is not None else "", len(self.eval_questions))
+                 len(self.vocab), " (from the checkpoint)" if saved_vocab is not None else "", len(self.eval_questions))
 
     def eval_items(self) -> list:
         return self.eval_questions
@@ -247,10 +235,17 @@ class VQATask(ExampleTask):
         return {"vqa_accuracy": question_prior_accuracy(self.train_examples, self.eval_questions)}
 
     def checkpoint_files(self) -> dict[str, str]:
-        return {ANSWER_VOCAB: json.dumps(self.vocab)}
+        return saved.task_files(self.vocab)
+
+    @classmethod
+    def build_model(cls, cfg: RunConfig, vocab: list[str] | None = None) -> VQAModel:
+        if vocab is None:
+            raise ConfigError(f"{cfg.source}: a VQA model needs its answer vocabulary "
+                              f"({saved.ANSWER_VOCAB} beside it)")
+        return VQAModel(cfg, len(vocab))
 
     def make_model(self) -> VQAModel:
-        return VQAModel(self.cfg, len(self.vocab))
+        return self.build_model(self.cfg, self.vocab)
 
     def image_name(self, q: VQAQuestion) -> str:
         return self.cfg.task.image_pattern.format(image_id=q.image_id, subtype=q.subtype)

@@ -376,6 +376,7 @@ def _check_values(cfg: RunConfig) -> None:
         (m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}"),
         (m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads"),
         (m.vd_size >= 2, "model.vd_size", "must be at least 2"),
+        (0 <= t.seed < 2**31, "train.seed", "must be in [0, 2**31)"),
         (0.0 <= m.vd_momentum < 1.0, "model.vd_momentum", "must be in [0, 1)"),
         (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),

@@ -21,7 +21,7 @@ import torch
 from soho_ds import saved
 from soho_ds.config import ConfigError, RunConfig
 from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
-from soho_ds.data.text import load_tokenizer
+from soho_ds.data.text import load_tokenizer, tokenize
 from soho_ds.models.soho import VisualTokens
 from soho_ds.models.weights import load_checked
 
@@ -84,9 +84,7 @@ class SohoPredictor:
         return {"images": pixels.to(self.device), "image_sizes": sizes}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.cfg.data.max_text_len, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+        return {k: v.to(self.device) for k, v in tokenize(self.tokenizer, texts, self.cfg.data.max_text_len).items()}
 
     @torch.no_grad()
     def encode_images(self, images: list) -> VisualTokens:
@@ -117,26 +115,17 @@ class SohoPredictor:
             raise ValueError(f"{len(images)} images but {len(texts)} texts: itm scores pairs")
         head, out = self._itm_head(), []
         for part in self._chunks(len(images)):
-            visual = self.encode_images(images[part])
             text = self.tokenize(texts[part])
-            _, pooled = self.soho.fuse(text["input_ids"], text["attention_mask"], visual)
-            out.append(head(pooled).float().softmax(-1)[:, 1].cpu())
+            out.append(head.score(self.soho, self.encode_images(images[part]), **text).sigmoid().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def itm_matrix(self, images: list, texts: list[str]) -> torch.Tensor:
         """P(matched) of every image with every text -> (images, texts); each image is encoded once."""
-        head = self._itm_head()
-        text = self.tokenize(texts)
-        scores = torch.zeros(len(images), len(texts))
-        for part in self._chunks(len(images)):
-            visual = self.encode_images(images[part])
-            for r in range(part.stop - part.start):
-                for t in self._chunks(len(texts)):
-                    index = torch.full((t.stop - t.start,), r, dtype=torch.long, device=self.device)
-                    _, pooled = self.soho.fuse(text["input_ids"][t], text["attention_mask"][t], visual, index)
-                    scores[part.start + r, t] = head(pooled).float().softmax(-1)[:, 1].cpu()
-        return scores
+        head, text = self._itm_head(), self.tokenize(texts)
+        return torch.cat([head.score_all(self.soho, self.encode_images(images[part]), **text,
+                                         chunk=self.batch_size).sigmoid().cpu()
+                          for part in self._chunks(len(images))])
 
     def _labels(self) -> tuple[str, ...]:
         from soho_ds.tasks import TASKS

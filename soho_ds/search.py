@@ -138,11 +138,8 @@ class ImageIndex:
         head, out = self.model.module.itm_head, []
         for start in range(0, len(paths), self.model.batch_size * 4):
             chunk = paths[start:start + self.model.batch_size * 4]
-            visual = self._visual(chunk)
-            ids = text["input_ids"].expand(len(chunk), -1)
-            mask = text["attention_mask"].expand(len(chunk), -1)
-            _, pooled = self.model.soho.fuse(ids, mask, visual)
-            out.append(head(pooled).float().softmax(-1)[:, 1].cpu())
+            ids, mask = (text[k].expand(len(chunk), -1) for k in ("input_ids", "attention_mask"))
+            out.append(head.score(self.model.soho, self._visual(chunk), ids, mask).sigmoid().cpu())
         return torch.cat(out)
 
     @torch.no_grad()

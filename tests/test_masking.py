@@ -1,6 +1,6 @@
 import torch
 
-from soho_ds.data.text import IGNORE, PretrainTextBuilder
+from soho_ds.data.text import IGNORE, PretrainTextBuilder, tokenize
 from soho_ds.pretrain.objectives import sample_mvm_mask
 
 # 8 images, 2 captions each; captions of different images differ in at least four words
@@ -45,7 +45,7 @@ def test_itm_negatives_are_other_images_captions_and_carry_no_mlm(tokenizer):
     builder = build(tokenizer)
     negatives = total = 0
     masked_neg, masked_pos = [], []
-    candidates = builder.tokenize(sum(CAPTIONS, []))["input_ids"]
+    candidates = tokenize(tokenizer, sum(CAPTIONS, []), builder.max_len)["input_ids"]
     for _ in range(30):
         batch = builder(CAPTIONS)
         itm, img = batch["itm_labels"], batch["image_index"]

@@ -44,9 +44,14 @@ def test_batches_come_from_each_source_in_proportion_to_its_weight(sources):
     drawn = Counter(b.source for b in batches)
     # 400 draws with p = 3/4: mean 300, standard deviation 8.7; 4 deviations either side
     assert abs(drawn["small"] - 300) <= 35, drawn
-    # the small source ran through its 16 images many times (37 epochs on average), each epoch whole
+    # the small source ran through its 16 images many times (37 epochs on average), each epoch of each stream
+    # (orientation group) whole: within a stream no image is seen twice more often than another
     seen = Counter(m["key"] for b in batches if b.source == "small" for m in b.metas)
-    assert len(seen) == 16 and min(seen.values()) >= 30, seen
+    assert len(seen) == 16 and sum(seen.values()) >= 16 * 30, seen
+    portrait = {m["key"]: bool(size[0] > size[1]) for b in batches for m, size in zip(b.metas, b.image_sizes)}
+    for group in (True, False):
+        counts = [n for key, n in seen.items() if portrait[key] == group]
+        assert counts and max(counts) - min(counts) <= 1, (group, seen)
     large = Counter(m["key"] for b in batches if b.source == "large" for m in b.metas)
     assert len(large) == 48  # about 200 images: four epochs of the large source, every image in each
     # uniform draws inside one source: landscape and portrait streams in proportion to their sizes
@@ -143,11 +148,17 @@ def test_changed_weights_restart_the_data_order_with_a_warning(sources, tmp_path
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("soho_ds").addHandler(handler)
+    import soho_ds.data.pipeline as pipeline
+
+    checked, check = [], pipeline.trusted_index_paths
+    monkeypatch.setattr(pipeline, "trusted_index_paths", lambda paths: checked.append(tuple(paths)) or check(paths))
     try:
         pretrain_in_process(tmp_path, mix.format(sources, 1), 3, flags=["--resume"], monkeypatch=monkeypatch)
     finally:
         logging.getLogger("soho_ds").removeHandler(handler)
     assert any("mixing weights changed" in w for w in warnings), warnings
+    # one start builds two loaders (the first, and its restart at the resume): each source's shards checked once
+    assert sorted(Counter(checked).values()) == [1, 1] and len(checked) == 2, checked
     # the counts carried on from the checkpoint: 3 steps of 4 images in all
     last = rows(tmp_path / "run")[3]
     assert last["data/images_small"] + last["data/images_large"] == 12

@@ -241,3 +241,24 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert any(".layer.1." in n for n in grads), sorted(grads)[:5]
     for name, g in grads.items():
         assert torch.allclose(g, again[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_itm_scores_of_all_pairs_equal_each_pair_fused_alone(tokenizer):
+    """The one scorer (finetune negatives, retrieval, load_model, search): chunking and sharing an image's
+    tokens across captions change nothing; its score's sigmoid is the head's P(matched)."""
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig()).eval()
+    batch = make_batch(tokenizer)
+    ids, mask = batch["input_ids"][:5], batch["attention_mask"][:5]
+    with torch.no_grad():
+        visual = model.model.encode_image(batch["images"])
+        every = model.itm_head.score_all(model.model, visual, ids, mask, chunk=2)
+        alone = torch.zeros(3, 5)
+        for i in range(3):
+            one = model.model.encode_image(batch["images"][i:i + 1])
+            for t in range(5):
+                _, pooled = model.model.fuse(ids[t:t + 1], mask[t:t + 1], one)
+                alone[i, t] = model.itm_head(pooled).float().softmax(-1)[0, 1]
+    assert every.shape == (3, 5)
+    torch.testing.assert_close(every.sigmoid(), alone, atol=1e-5, rtol=0)
+    assert len(set(every.flatten().tolist())) == 15  # the images and captions really differ

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_model_config
 from safetensors.torch import save_file
 
-from conftest import tiny_model_config
 from soho_ds import saved
 from soho_ds.config import RunConfig, TaskConfig
 from soho_ds.inference import build_module

@@ -73,8 +73,7 @@ def border_effect(model_path: str, images: str, n: int) -> dict:
         partner = portrait if sizes[p][0] >= sizes[p][1] else landscape
         visual = model.encode_images([p, partner])  # padded to the larger of the two in each direction
         text = model.tokenize([caption])
-        _, pooled = model.soho.fuse(text["input_ids"], text["attention_mask"], visual, torch.tensor([0]))
-        together = model.module.itm_head(pooled).float().softmax(-1)[0, 1]
+        together = model.module.itm_head.score(model.soho, visual, **text, image_index=torch.tensor([0])).sigmoid()[0]
         diffs.append(float((alone - together).abs()))
     return {"images": len(diffs), "mean": sum(diffs) / len(diffs), "max": max(diffs)}
 

@@ -32,7 +32,9 @@ from soho_ds.config import DataConfig, ReportedError, ShardSource
 from soho_ds.data import storage
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
 from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, check_manifest, decode_meta, fix_command,
-                                 list_shards, sample_sizes, summarise_losses, trusted_index_paths)
+                                 indexed_sample_count, list_shards, sample_sizes, shard_fingerprint,
+                                 summarise_losses, trusted_index_paths)
+from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +181,9 @@ def define_shard_pipeline(paths, index_paths, spec: ImageSpec, *, rank: int = 0,
         paths=paths, index_paths=index_paths, shard_id=rank, num_shards=world_size, spec=spec, train=train,
         decode_device=decode_device, shuffle_buffer=shuffle_buffer if train else 1,
         regions=regions is not None, region_features=bool(regions and regions.features),
-        reader_seed=seed, pad_last_batch=not train,
+        reader_seed=derive(seed, "order"), pad_last_batch=not train,
         # augmentation randomness differs per rank; the reader's shard order does not
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + 1 + rank,
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=derive(seed, "augment", rank),
         prefetch_queue_depth=2,
         # DALI's own checkpointing: reader position and every random operator's state, so a
         # resumed run sees exactly the batches the interrupted one would have seen.
@@ -218,9 +220,42 @@ class ImageTextBatch:
     source: str = "train"  # the name of the source the batch was drawn from
 
 
-def as_sources(shards) -> list[ShardSource]:
-    """A shard spec (folders, globs, tars) as one source "train"; a sequence of ShardSource as it is."""
-    if isinstance(shards, (list, tuple)) and shards and all(isinstance(s, ShardSource) for s in shards):
+@dataclass(frozen=True)
+class CheckedShards:
+    """One source's shards after `check_source`: what every later reader of them needs, so a start checks
+    each shard set once however many loaders (training, its restart at a resume, evaluation) read it."""
+    name: str
+    weight: float
+    paths: tuple[str, ...]
+    index_paths: tuple[str, ...] | None  # None: not indexed (DALI scans each tar; nothing was checked)
+    samples: int | None  # as the indexes list them; None when not indexed
+    fingerprint: list  # what saved data positions refer to (shards.shard_fingerprint)
+
+
+def check_source(source: ShardSource, regions: RegionSpec | None = None, report: bool = True) -> CheckedShards:
+    """Lists a source's shards and checks them: indexes current and complete (`trusted_index_paths`), sample
+    counts as the manifest records, the detector members present when `regions` are read. `report`: log
+    what the converter's checker left out (one rank says it)."""
+    paths = list_shards(source.shards)
+    index_paths = trusted_index_paths(paths)
+    if index_paths is None:
+        log.warning("%d shards of %s have no index: DALI scans each tar, and no sample was checked; run %s",
+                    len(paths), source.name, fix_command(paths))
+    else:
+        check_manifest(paths)
+        if report and (losses := summarise_losses(paths)):
+            log.info("%s", losses)
+        if regions is not None:
+            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
+    return CheckedShards(source.name, source.weight, tuple(paths), None if index_paths is None else tuple(index_paths),
+                         None if index_paths is None else indexed_sample_count(paths), shard_fingerprint(paths))
+
+
+def as_sources(shards) -> list[ShardSource | CheckedShards]:
+    """A shard spec (folders, globs, tars) as one source "train"; a sequence of sources (ShardSource, or
+    CheckedShards already checked) as it is."""
+    if isinstance(shards, (list, tuple)) and shards and all(isinstance(s, (ShardSource, CheckedShards))
+                                                           for s in shards):
         return list(shards)
     return [ShardSource("train", (shards,) if isinstance(shards, str) else tuple(shards), 1.0)]
 
@@ -287,9 +322,9 @@ class ShardLoader:
         self.paths: list[str] = []
         plan = []  # (source name, tars, index files, samples, probability weight) of each stream
         for source in self.sources:
-            paths = list_shards(source.shards)
-            self.paths += paths
-            groups = self._groups(source.name, paths, rank, world_size, batch_size)
+            checked = source if isinstance(source, CheckedShards) else check_source(source, regions, rank == 0)
+            self.paths += checked.paths
+            groups = self._groups(checked, world_size, batch_size)
             total = sum(n for _, _, n in groups)
             plan += [(source.name, tars, idx, n, source.weight * (n / total if len(groups) > 1 else 1.0))
                      for tars, idx, n in groups]
@@ -299,29 +334,20 @@ class ShardLoader:
         states = (checkpoint or {}).get("streams") or [None] * len(plan)
         if len(states) != len(plan):
             raise ValueError(f"data state has {len(states)} streams, the shards now make {len(plan)}")
-        self.streams = [_Stream(tars, idx, batch_size, spec, rank, world_size, train, num_threads, seed + 7919 * i,
-                                shuffle_buffer, device, regions, state)
+        self.streams = [_Stream(tars, idx, batch_size, spec, rank, world_size, train, num_threads,
+                                derive(seed, "stream", i), shuffle_buffer, device, regions, state)
                         for i, ((_, tars, idx, _, _), state) in enumerate(zip(plan, states))]
-        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.generator = torch.Generator().manual_seed(derive(seed, "mix", rank))
         if checkpoint and checkpoint.get("generator") is not None:
             self.generator.set_state(checkpoint["generator"])
 
-    def _groups(self, name: str, paths: list[str], rank: int, world_size: int, batch_size: int
+    def _groups(self, checked: CheckedShards, world_size: int, batch_size: int
                 ) -> list[tuple[list[str], list[str] | None, int]]:
         """One source's checked shards as (tars, index files, samples) per orientation group."""
-        index_paths = trusted_index_paths(paths)
-        if index_paths is None:
-            log.warning("%d shards of %s have no index: DALI scans each tar, and no sample was checked; run %s",
-                        len(paths), name, fix_command(paths))
-            return [(paths, None, 0)]
-        check_manifest(paths)
-        if rank == 0 and (losses := summarise_losses(paths)):
-            log.info("%s", losses)
-        if self.regions is not None:
-            _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if self.regions.features else []))
-        if self._tmp is None:
+        paths, index_paths = list(checked.paths), checked.index_paths and list(checked.index_paths)
+        if index_paths is None or self._tmp is None:
             return [(paths, index_paths, 0)]
-        folder = Path(self._tmp.name) / name
+        folder = Path(self._tmp.name) / checked.name
         folder.mkdir()
         return _orientation_groups(paths, index_paths, folder, world_size * batch_size)
 
@@ -395,10 +421,16 @@ class ShardLoader:
         weights = torch.tensor(self.stream_weights, dtype=torch.float) if len(self.streams) > 1 else None
         while True:
             i = 0 if weights is None else int(torch.multinomial(weights, 1, generator=self.generator))
+            # One draw per batch: at the end of its epoch the drawn stream starts its next one. (Drawing again
+            # would tie the mix to where epochs end, which a stream restored from a checkpoint need not repeat.)
             try:
                 out = self._next(self.streams[i])
             except StopIteration:
-                continue
+                try:
+                    out = self._next(self.streams[i])
+                except StopIteration:
+                    raise ShardError(f"{self.stream_sources[i]}: its shards give this rank no batch of "
+                                     f"{self.batch_size}: fewer samples than ranks x micro-batch") from None
             yield self._convert(out[0], self.stream_sources[i])
 
 

@@ -36,6 +36,16 @@ def load_tokenizer(path: str | None = None) -> BertTokenizerFast:
     return BertTokenizerFast.from_pretrained(path, local_files_only=True)
 
 
+def tokenize(tokenizer: BertTokenizerFast, texts: list[str], max_len: int, special_tokens_mask: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """Texts -> input_ids, attention_mask (T, max_len), truncated and padded to max_len: the one rule
+    for pretraining, finetuning, evaluation and inference (and, if asked, the special-tokens mask)."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt",
+                    return_special_tokens_mask=special_tokens_mask)
+    keys = ("input_ids", "attention_mask") + (("special_tokens_mask",) if special_tokens_mask else ())
+    return {k: enc[k] for k in keys}
+
+
 class PretrainTextBuilder:
     """Builds the text side of a pretraining batch from the captions of B images."""
 
@@ -48,10 +58,6 @@ class PretrainTextBuilder:
         self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_prob,
                                                       return_tensors="pt")
         self.masker.generator = self.generator  # one RNG stream for the whole text side
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_len,
-                              return_tensors="pt", return_special_tokens_mask=True)
 
     def __call__(self, captions_per_image: list[list[str]]) -> dict[str, torch.Tensor]:
         B, k, g = len(captions_per_image), self.captions_per_image, self.generator
@@ -70,7 +76,7 @@ class PretrainTextBuilder:
                 caps = captions_per_image[int(other[t])]
                 chosen[t] = caps[int(torch.randint(len(caps), (1,), generator=g))]
             itm_labels[negative] = 0
-        enc = self.tokenize(chosen)
+        enc = tokenize(self.tokenizer, chosen, self.max_len, special_tokens_mask=True)
         special = enc["special_tokens_mask"].bool() | ~enc["attention_mask"].bool()
         input_ids, mlm_labels = self.masker.torch_mask_tokens(enc["input_ids"].clone(), special)
         # Every caption is masked alike, so a [MASK] in the input says nothing about ITM (masking only

@@ -40,7 +40,9 @@ class MVMHead(nn.Module):
 
 
 class ITMHead(nn.Module):
-    """Binary matched / not-matched classifier on the pooled [CLS] vector."""
+    """Binary matched / not-matched classifier on the pooled [CLS] vector. `score` and `score_all`
+    are the one way image-text pairs are scored: finetuning's negatives, retrieval evaluation (finetune
+    and pretraining), `load_model`'s itm and search."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -48,6 +50,29 @@ class ITMHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(pooled)
+
+    def score(self, soho, visual, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              image_index: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+        """(T,) ITM score of caption t with image image_index[t] of the encoded images `visual` (the t-th
+        image without an index): the logit of "matched" minus "not matched", whose sigmoid is P(matched).
+        At most `chunk` captions go through the fusion layers at once."""
+        n = input_ids.shape[0]
+        step = chunk or max(n, 1)
+        out = []
+        for s in range(0, n, step):
+            index = None if image_index is None else image_index[s:s + step]
+            _, pooled = soho.fuse(input_ids[s:s + step], attention_mask[s:s + step], visual, index)
+            logits = self(pooled).float()
+            out.append(logits[:, 1] - logits[:, 0])
+        return torch.cat(out) if out else torch.zeros(0, device=input_ids.device)
+
+    def score_all(self, soho, visual, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  chunk: int | None = None) -> torch.Tensor:
+        """(B, T) ITM scores of every image of `visual` (B encoded once) with every caption."""
+        T = input_ids.shape[0]
+        return torch.stack([self.score(soho, visual, input_ids, attention_mask,
+                                       torch.full((T,), r, dtype=torch.long, device=input_ids.device), chunk)
+                            for r in range(len(visual.tokens))])
 
 
 class ContrastiveHead(nn.Module):

@@ -27,16 +27,6 @@ def _everyone(obj) -> list:
     return [obj]
 
 
-def _itm(pretrainer, visual, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64):
-    """ITM score (logit "matched" minus "not matched") of image rows[i] of `visual` with caption i."""
-    out = []
-    for s in range(0, len(rows), chunk):
-        _, pooled = pretrainer.model.fuse(ids[s:s + chunk], mask[s:s + chunk], visual, rows[s:s + chunk])
-        logits = pretrainer.itm_head(pooled).float()
-        out.append(logits[:, 1] - logits[:, 0])
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 @torch.no_grad()
 def retrieval_scores(pretrainer, batches: Iterable[ImageTextBatch], tokenize, rerank: int, max_images: int,
                      device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +69,8 @@ def retrieval_scores(pretrainer, batches: Iterable[ImageTextBatch], tokenize, re
         for r in range(n):
             cols = wanted[offset + start + r].nonzero().flatten()
             rows = torch.full((len(cols),), r, dtype=torch.long, device=device)
-            itm[offset + start + r, cols] = _itm(pretrainer, visual, rows, ids[cols.to(device)],
-                                                 mask[cols.to(device)]).cpu().double()
+            itm[offset + start + r, cols] = pretrainer.itm_head.score(
+                model, visual, ids[cols.to(device)], mask[cols.to(device)], rows, chunk=64).cpu().double()
         start += n
     if dist.is_initialized() and dist.get_world_size() > 1:
         itm = itm.to(device)  # NCCL reduces device tensors

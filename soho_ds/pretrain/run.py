@@ -37,7 +37,7 @@ def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> d
     warn_about_random_start(cfg)
     engine = build_engine(module, cfg.train, run.ds, cfg.model.backbone_norm)
     seed_rank(cfg, dist_info)
-    task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride)
+    task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride, run.checked)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
         metrics = Trainer(engine, task, cfg, run.logger, dist_info, step_context).fit(resume=run.resume)
     if "acc/itm" in metrics:

@@ -2,54 +2,65 @@
 TensorBoard pictures of what the Visual Dictionary sees."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Iterator
 
 import torch
 
-from soho_ds.config import ConfigError, RunConfig
-from soho_ds.data.pipeline import ImageSpec, ImageTextBatch, ShardLoader
+from soho_ds.config import ConfigError, RunConfig, ShardSource
+from soho_ds.data.pipeline import CheckedShards, ImageSpec, ImageTextBatch, ShardLoader, check_source
 from soho_ds.data.regions import RegionSpec
-from soho_ds.data.shards import (ShardError, check_manifest, indexed_sample_count, list_shards, shard_fingerprint,
-                                 trusted_index_paths)
-from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+from soho_ds.data.shards import ShardError
+from soho_ds.data.text import PretrainTextBuilder, load_tokenizer, tokenize
 from soho_ds.pretrain.pictures import draw_vd_picture
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import sample_means_over_ranks, to_device
+from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
 
 
-def check_shards(cfg: RunConfig) -> None:
-    """Before any process group: the configured shards exist and can be trusted as they are."""
-    if not cfg.data.train_shards:
+def region_spec(cfg: RunConfig) -> RegionSpec | None:
+    """What is read of the detector boxes: nothing unless a semantic visual loss is on."""
+    s = cfg.semantic
+    return RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
+
+
+def check_shards(cfg: RunConfig) -> dict[str, list[CheckedShards]]:
+    """Before any process group, once per start: the configured shards exist and can be trusted as they
+    are. Returns them checked ("train": each source, "val", "retrieval": one or none), for every loader."""
+    d = cfg.data
+    if not d.train_shards:
         raise ConfigError(f"{cfg.source}: data.train_shards is required for pretraining")
-    named = [(f"data.train_shards ({s.name})" if len(cfg.data.train_sources) > 1 else "data.train_shards", s.shards)
-             for s in cfg.data.train_sources]
-    for key, spec in named + [("data.val_shards", cfg.data.val_shards),
-                              ("data.retrieval_shards", cfg.data.retrieval_shards)]:
-        if not spec:
-            continue
-        try:
-            paths = list_shards(spec)
-            trusted_index_paths(paths)
-            check_manifest(paths)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{cfg.source}: {key}: {e}") from None
-        except ShardError as e:
-            raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+    sets = {"train": [(f"data.train_shards ({s.name})" if len(d.train_sources) > 1 else "data.train_shards", s,
+                       region_spec(cfg)) for s in d.train_sources],
+            "val": [("data.val_shards", ShardSource("val", tuple(d.val_shards), 1.0), region_spec(cfg))]
+            if d.val_shards else [],
+            "retrieval": [("data.retrieval_shards", ShardSource("retrieval", tuple(d.retrieval_shards), 1.0), None)]
+            if d.retrieval_shards else []}
+    checked: dict[str, list[CheckedShards]] = {}
+    for kind, entries in sets.items():
+        checked[kind] = []
+        for key, source, regions in entries:
+            try:
+                checked[kind].append(check_source(source, regions, report=kind == "train"))
+            except (FileNotFoundError, ShardError) as e:
+                raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+    return checked
 
 
-def data_fingerprint(d) -> list:
+def data_fingerprint(sources: list[CheckedShards]) -> list:
     """What the saved data positions refer to: the shards, and with several sources their names and weights."""
-    sources = d.train_sources
     if len(sources) == 1:
-        return shard_fingerprint(list_shards(sources[0].shards))
-    return [[s.name, s.weight, shard_fingerprint(list_shards(s.shards))] for s in sources]
+        return sources[0].fingerprint
+    return [[s.name, s.weight, s.fingerprint] for s in sources]
 
 
 class PretrainTask:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, stride: int):
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, stride: int,
+                 shards: dict[str, list[CheckedShards]] | None = None):
+        """`shards`: check_shards(cfg), when the driver has checked them already."""
         d, p = cfg.data, cfg.pretrain
         self.cfg, self.dist, self.micro_batch = cfg, dist_info, micro_batch
         self.images_per_batch = micro_batch
@@ -60,15 +71,14 @@ class PretrainTask:
             return PretrainTextBuilder(tokenizer, d.max_text_len, d.captions_per_image, p.mlm_prob,
                                        p.itm_neg_prob, seed)
 
-        self.text = text_builder(cfg.train.seed * 1000 + dist_info.rank)
-        self.val_seed = cfg.train.seed * 1000 + 500 + dist_info.rank
+        self.text = text_builder(derive(cfg.train.seed, "text", dist_info.rank))
+        self.val_seed = derive(cfg.train.seed, "val_text", dist_info.rank)
         self.val_text = text_builder(self.val_seed)
-        s = cfg.semantic
-        # Detector boxes are read only when a semantic visual loss is on.
-        self.regions = RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
-        self.fingerprint = data_fingerprint(d)
+        self.regions = region_spec(cfg)
+        self.shards = shards if shards is not None else check_shards(cfg)
+        self.fingerprint = data_fingerprint(self.shards["train"])
         self.images_seen = {s.name: 0 for s in d.train_sources}  # this rank's, plus the run's before a resume
-        self.loader = self._train_loader(cfg.train.seed)
+        self.loader = self._train_loader(derive(cfg.train.seed, "shards"))
         self._val_loader = None
         self._retrieval_loader = None
         self.best_metric = "retrieval/rsum" if d.retrieval_shards else None
@@ -77,7 +87,7 @@ class PretrainTask:
 
     def _train_loader(self, seed: int, state: dict | None = None) -> ShardLoader:
         d = self.cfg.data
-        return ShardLoader(d.train_sources, self.micro_batch, self.spec, self.dist.rank, self.dist.world_size,
+        return ShardLoader(self.shards["train"], self.micro_batch, self.spec, self.dist.rank, self.dist.world_size,
                            train=True, num_threads=d.num_threads, seed=seed, shuffle_buffer=d.shuffle_buffer,
                            device=self.dist.device.type, regions=self.regions, checkpoint=state,
                            group_by_orientation=d.group_by_orientation)
@@ -95,8 +105,9 @@ class PretrainTask:
             log.warning("the shards or their mixing weights changed since this checkpoint (re-indexed, replaced or "
                         "re-weighted): the data order restarts, seeded by the step")
             state = None
-        self.loader = (self._train_loader(self.cfg.train.seed, state["loader"]) if state is not None
-                       else self._train_loader(self.cfg.train.seed + step))
+        seed = self.cfg.train.seed
+        self.loader = (self._train_loader(derive(seed, "shards"), state["loader"]) if state is not None
+                       else self._train_loader(derive(seed, "restart", step)))
 
     def make_batch(self, raw: ImageTextBatch, builder: PretrainTextBuilder) -> dict[str, torch.Tensor]:
         batch = builder([m["captions"] for m in raw.metas])
@@ -158,7 +169,7 @@ class PretrainTask:
         if not d.val_shards:
             return metrics
         if self._val_loader is None:
-            self._val_loader = self._eval_loader(d.val_shards, self.regions)
+            self._val_loader = self._eval_loader(self.shards["val"], self.regions)
         self.val_text.generator.manual_seed(self.val_seed)
         was_training = module.training
         module.eval()
@@ -179,7 +190,7 @@ class PretrainTask:
         """This rank's reader of a held-out set; False on ranks beyond its sample count (DALI splits a set
         over at most as many readers as it has samples: the other ranks score none)."""
         d = self.cfg.data
-        n = indexed_sample_count(list_shards(shards))
+        n = shards[0].samples
         readers = self.dist.world_size if n is None else max(1, min(self.dist.world_size, n))
         if self.dist.rank >= readers:
             return False
@@ -195,13 +206,12 @@ class PretrainTask:
 
         t, d = self.cfg.train, self.cfg.data
         if self._retrieval_loader is None:
-            self._retrieval_loader = self._eval_loader(d.retrieval_shards, None)
+            self._retrieval_loader = self._eval_loader(self.shards["retrieval"], None)
         batches = self._retrieval_loader.epochs() if self._retrieval_loader is not False else ()
-        tokenize = lambda texts: self.tokenizer(texts, padding="max_length", truncation=True,  # noqa: E731
-                                                max_length=d.max_text_len, return_tensors="pt")
+        tokens = functools.partial(tokenize, self.tokenizer, max_len=d.max_text_len)
         was_training = module.training
         module.eval()
-        scores, text_image = retrieval_scores(module, batches, tokenize, t.retrieval_rerank, t.retrieval_images,
+        scores, text_image = retrieval_scores(module, batches, tokens, t.retrieval_rerank, t.retrieval_images,
                                               device, dtype)
         module.train(was_training)
         recall = recall_at_k(scores, text_image)

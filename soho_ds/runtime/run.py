@@ -26,6 +26,7 @@ from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, init_distributed
 from soho_ds.runtime.engine import PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config
 from soho_ds.runtime.log import RunLogger, setup_console
+from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Run:
     dist: DistInfo
     logger: RunLogger
     resume: bool  # load the latest checkpoint of output_dir
+    checked: object = None  # what the driver's `check(cfg)` returned (pretraining: its shards, checked once)
 
 
 PREVIOUS_RUN = ("checkpoints", "tensorboard", "train.jsonl", "eval.jsonl")
@@ -126,8 +128,7 @@ def prepare(args: argparse.Namespace, checkpoint_config: tuple[dict, str] | None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = resolve_batch(load_ds_config(args.deepspeed_config), world, args.deepspeed_config)
     validate_ds_config(ds, args.deepspeed_config)
-    if check is not None:
-        check(cfg)
+    checked = check(cfg) if check is not None else None
     resume = (check_output_dir(cfg, args.resume, args.restart) if not evaluate_only
               else bool(args.resume) and checkpoint.latest_tag(Path(cfg.train.output_dir) / "checkpoints") is not None)
     dist_info = init_distributed(cfg.train.collective_timeout_s)
@@ -148,13 +149,13 @@ def prepare(args: argparse.Namespace, checkpoint_config: tuple[dict, str] | None
     logger.text("config/deepspeed", "```\n" + yaml.safe_dump(ds, sort_keys=False) + "\n```")
     # Same seed on every rank while building the model: buffers such as the VD table are
     # not broadcast by the engine, so they must start identical.
-    torch.manual_seed(cfg.train.seed)
-    return Run(cfg, ds, dist_info, logger, resume)
+    torch.manual_seed(derive(cfg.train.seed, "init"))
+    return Run(cfg, ds, dist_info, logger, resume, checked)
 
 
 def seed_rank(cfg: RunConfig, dist_info: DistInfo) -> None:
     """After the model exists: per-rank streams for augmentation-like randomness (MVM choice, dropout)."""
-    torch.manual_seed(cfg.train.seed + 1 + dist_info.rank)
+    torch.manual_seed(derive(cfg.train.seed, "torch", dist_info.rank))
 
 
 def main(entry, parser: argparse.ArgumentParser, *extra) -> None:

@@ -20,12 +20,13 @@ from torch import nn
 from soho_ds import saved
 from soho_ds.config import ReportedError, RunConfig
 from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec, orientation_order
-from soho_ds.data.text import load_tokenizer
+from soho_ds.data.text import load_tokenizer, tokenize
 from soho_ds.models.losses import classification_loss
 from soho_ds.models.soho import SohoModel
 from soho_ds.models.weights import WeightsError, load_checked, what_it_holds
 from soho_ds.runtime.dist import DistInfo
 from soho_ds.runtime.trainer import to_device
+from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,12 @@ class ExampleTask(ABC):
         self.images_per_batch = micro_batch
         d = cfg.data
         self.tokenizer = load_tokenizer(d.tokenizer_dir)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist_info.rank)
+        self.generator = torch.Generator().manual_seed(derive(cfg.train.seed, "task", dist_info.rank))
         self.epoch, self.batch_in_epoch = 0, 0  # data position, saved in checkpoints
         device = dist_info.device.type
         spec = ImageSpec.from_config(d, cfg.model.stride)
         self.train_images = ImageFileDecoder(spec, micro_batch * 2, train=True, num_threads=d.num_threads,
-                                             seed=cfg.train.seed + dist_info.rank, device=device)
+                                             seed=derive(cfg.train.seed, "augment", dist_info.rank), device=device)
         self.eval_images = ImageFileDecoder(spec, micro_batch * 2, train=False, num_threads=d.num_threads,
                                             device=device)
         self.train_examples: list = []
@@ -174,9 +175,7 @@ class ExampleTask(ABC):
         return kept
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.data.max_text_len,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return tokenize(self.tokenizer, texts, self.cfg.data.max_text_len)
 
     def images(self, names: list[str], train: bool) -> dict[str, torch.Tensor]:
         images, sizes = (self.train_images if train else self.eval_images)([self.image_path(n) for n in names])
@@ -276,7 +275,8 @@ class ExampleTask(ABC):
         per_rank = n // world
         epoch, done = self.epoch, self.batch_in_epoch
         while True:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 1000 + epoch))
+            seed = derive(self.cfg.train.seed, "epoch_order", epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             mine = order[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank].tolist()
             for start in range(done * B, per_rank - B + 1, B):
                 done += 1

@@ -166,12 +166,6 @@ class RetrievalModel(FinetuneModel):
         if self.itc_head is not None:
             self.reused_heads = ("itm_head", "itc_head")
 
-    def pair_scores(self, visual: VisualTokens, input_ids, attention_mask, image_index) -> torch.Tensor:
-        """ITM score (logit of "matched" minus "not matched") for each caption with its image."""
-        _, pooled = self.model.fuse(input_ids, attention_mask, visual, image_index)
-        logits = self.itm_head(pooled).float()
-        return logits[:, 1] - logits[:, 0]
-
     def embed_images(self, visual: VisualTokens) -> torch.Tensor:
         """ITC unit vectors (B, dim) of encoded images: the first stage of large-scale retrieval."""
         return self.itc_head.embed_image(visual.tokens, visual.valid)
@@ -189,7 +183,7 @@ class RetrievalModel(FinetuneModel):
         with torch.no_grad():
             img = torch.arange(B, device=ids.device).repeat_interleave(B)  # pair (i, t): image i, caption t
             txt = torch.arange(B, device=ids.device).repeat(B)
-            scores = self.pair_scores(visual, ids[txt], mask[txt], img).view(B, B)
+            scores = self.itm_head.score(self.model, visual, ids[txt], mask[txt], img).view(B, B)
             scores = scores.masked_fill(same, float("-inf"))  # a caption of the same image is no negative
             hard_image = sample_hard(scores.t())  # for caption t
             hard_text = sample_hard(scores)  # for image i
@@ -273,12 +267,8 @@ def score_all_pairs(module: RetrievalModel, task: ExampleTask, image_names: list
                disable=not task.dist.is_main, mininterval=5)
     for rows, batch in task.image_batches(mine, lambda i: image_names[i]):
         visual = module.model.encode_image(batch["images"].to(device, dtype), batch["image_sizes"])  # once per image
-        for r, i in enumerate(rows):
-            for t0 in range(0, len(texts), chunk):
-                n = min(chunk, len(texts) - t0)
-                image_index = torch.full((n,), r, device=device, dtype=torch.long)
-                scores[i, t0:t0 + n] = module.pair_scores(visual, ids[t0:t0 + n], mask[t0:t0 + n], image_index)
-            bar.update(len(texts))
+        scores[rows] = module.itm_head.score_all(module.model, visual, ids, mask, chunk)
+        bar.update(len(rows) * len(texts))
     bar.close()
     module.train(was_training)
     if dist.is_initialized() and dist.get_world_size() > 1:

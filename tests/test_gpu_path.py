@@ -227,7 +227,7 @@ def test_the_bf16_engine_accumulates_gradients_in_fp32_and_keeps_batchnorm_stati
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             assert m.running_mean.dtype == torch.float32 and m.weight.dtype == torch.bfloat16
     for _ in range(2):
-        out = engine(to_device(batch, engine.device, torch.bfloat16))
+        out = engine.module.commit(engine(to_device(batch, engine.device, torch.bfloat16)))
         engine.backward(out["loss"])
         engine.step()
         assert torch.isfinite(out["loss"])

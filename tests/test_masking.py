@@ -109,7 +109,6 @@ def test_mvm_probability_applies_per_image_caption_pair_as_the_official_code():
     torch.manual_seed(0)
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=0.3, mvm_unit="pair")).train()
     visual = model.model.encode_image(torch.randn(2, 3, 64, 64))
-    model.model.commit()
     image_index = torch.arange(2).repeat_interleave(2000)  # 2000 captions per image
     mask = model.mvm_mask(visual, image_index)
     per_pair = mask.any(1).float()

@@ -25,7 +25,7 @@ def make_batch(tokenizer, seed=0):
 def test_every_head_gives_a_scalar_loss_and_every_trainable_parameter_a_gradient(tokenizer):
     torch.manual_seed(0)
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0, itc_weight=0.5)).train()
-    out = model(make_batch(tokenizer))
+    out = model.commit(model(make_batch(tokenizer)))
     for key in ("loss", "loss/mlm", "loss/mvm", "loss/itm", "loss/itc", "acc/itm", "acc/mlm", "acc/mvm", "acc/itc",
                 "vd/usage"):
         assert out[key].shape == () and torch.isfinite(out[key]), key
@@ -57,7 +57,7 @@ def test_pretraining_steps_lower_the_loss_on_a_fixed_batch(tokenizer):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(20):
-        out = model(batch)
+        out = model.commit(model(batch))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -135,11 +135,11 @@ def test_non_finite_images_leave_batchnorm_and_vd_statistics_untouched(tokenizer
     before = statistics()
     batch = make_batch(tokenizer)
     batch["images"][1, 0, 5, 5] = float("nan")
-    model(batch)
+    assert torch.isnan(model.commit(model(batch))["loss"])  # its gradients are NaN: the optimizer skips it
     after = statistics()
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
                                                                                                     after[k])]
-    model(make_batch(tokenizer, seed=1))  # a good batch updates them
+    model.commit(model(make_batch(tokenizer, seed=1)))  # a good batch updates them
     changed = statistics()
     assert not torch.equal(before["model.visual.vd.ema_count"], changed["model.visual.vd.ema_count"])
     assert not torch.equal(before["model.backbone.layer2.0.bn1.running_mean"],
@@ -230,7 +230,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for model in (plain, recomputed):
         visual = model.encode_image(images)
         sequence, pooled = model.fuse(ids, mask, visual)
-        loss = model.settle(sequence.square().mean() + pooled.mean() + visual.features.mean())
+        loss = model.commit(sequence.square().mean() + pooled.mean() + visual.features.mean())
         loss.backward()
         losses.append(loss.detach())
     assert torch.equal(losses[0], losses[1])
@@ -262,3 +262,22 @@ def test_itm_scores_of_all_pairs_equal_each_pair_fused_alone(tokenizer):
     assert every.shape == (3, 5)
     torch.testing.assert_close(every.sigmoid(), alone, atol=1e-5, rtol=0)
     assert len(set(every.flatten().tolist())) == 15  # the images and captions really differ
+
+
+def test_a_training_forward_that_was_never_committed_stops_the_next_one(tokenizer):
+    """The VD and BatchNorm statistics of a training forward wait for the loop's one commit; a loop that
+    forgets it fails at its next forward instead of committing them unchecked."""
+    from soho_ds.models.soho import UncommittedStatistics
+
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0)).train()
+    count = model.model.visual_dictionary.ema_count.clone()
+    model(make_batch(tokenizer))
+    assert torch.equal(model.model.visual_dictionary.ema_count, count)  # staged, not applied
+    with pytest.raises(UncommittedStatistics, match="never committed; end every training forward with commit"):
+        model(make_batch(tokenizer, seed=1))
+    model.commit({"loss": torch.tensor(1.0)})
+    assert not torch.equal(model.model.visual_dictionary.ema_count, count)  # the first forward's, now applied
+    with pytest.raises(UncommittedStatistics, match="no training forward to commit"):
+        model.commit({"loss": torch.tensor(1.0)})  # committed twice
+    model.eval()(make_batch(tokenizer, seed=2))  # evaluation stages nothing: no commit needed

@@ -50,7 +50,8 @@ def test_vd_unused_entry_keeps_its_vector_and_eval_does_not_update():
     before = vd.embed.clone()
     vd.eval()
     vd(X)
-    vd.commit()
+    with pytest.raises(RuntimeError, match="no training forward to commit"):
+        vd.commit()  # evaluation staged nothing
     assert torch.equal(vd.embed, before)
 
 
@@ -89,6 +90,7 @@ def test_vd_initialises_from_data_and_restarts_dead_entries():
     torch.manual_seed(0)
     vd = VisualDictionary(num_entries=4, dim=2, momentum=0.5, restart_below=0.2).train()
     vd(x)
+    vd.commit()
     # Feed one cluster only: the other entries decay below 0.2 of the mean count; the trainer's
     # interval upkeep (maintain) re-seeds them from the latest features, never a training step.
     for _ in range(6):

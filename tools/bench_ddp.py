@@ -67,7 +67,7 @@ def worker(a) -> None:
         optimizer = build_optimizer(module, cfg)  # the engine's own: torch's fused AdamW over the same groups
 
         def step():
-            loss = model(batch)["loss"]
+            loss = module.commit(model(batch))["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)
@@ -79,7 +79,7 @@ def worker(a) -> None:
                                             "zero_optimization": zero})
 
         def step():
-            engine.backward(engine(batch)["loss"])
+            engine.backward(engine.module.commit(engine(batch))["loss"])
             engine.step()
 
     step()  # warm-up: buffers, optimizer state

@@ -88,7 +88,7 @@ def main() -> None:
 
         def plain_step():
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = plain({**batch, "images": images})["loss"]
+                loss = plain.commit(plain({**batch, "images": images}))["loss"]
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -126,7 +126,7 @@ def main() -> None:
                 inputs = images.contiguous(memory_format=torch.channels_last)
 
             def ds_step():
-                out = engine({**batch, "images": inputs.to(dtype)})
+                out = engine.module.commit(engine({**batch, "images": inputs.to(dtype)}))
                 engine.backward(out["loss"])
                 engine.step()
 

@@ -41,7 +41,7 @@ def main() -> None:
 
         def train_step():
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = model(batch)["loss"]
+                loss = model.commit(model(batch))["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

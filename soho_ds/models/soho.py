@@ -97,6 +97,10 @@ class VisualEmbedding(nn.Module):
         return self.dropout(self.norm(tokens + position.to(tokens.dtype) + type_embedding.to(tokens.dtype)))
 
 
+class UncommittedStatistics(RuntimeError):
+    """A training forward began while the previous one's statistics were still waiting for `commit`."""
+
+
 class SohoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -141,7 +145,10 @@ class SohoModel(nn.Module):
     def encode_image(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisualTokens:
         """images (B, 3, H, W), padded; image_sizes (B, 2) valid (height, width) in pixels, None: all valid."""
         if self.training:
-            self.commit()
+            if self._staged is not None:
+                raise UncommittedStatistics("SohoModel.encode_image: the previous training forward's BatchNorm and "
+                                            "Visual Dictionary statistics were never committed; end every training "
+                                            "forward with commit(loss) (the trainer does) or switch to eval()")
             saved = [(b, b.clone()) for b in self._running_statistics()]
         features = self.backbone(images)  # (B, C, h, w), once per image
         grid = tuple(features.shape[-2:])
@@ -181,31 +188,26 @@ class SohoModel(nn.Module):
         """The words alone through the fusion layers: the [CLS] vector (T, H)."""
         return self.fusion.encode_text(input_ids, attention_mask)
 
-    @torch.no_grad()
-    def commit(self, ok: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Keeps the statistics the last training `encode_image` changed (VD EMA, BatchNorm running
-        statistics) where the device flag `ok` holds, together with that step's input check; restores
-        them otherwise. Returns the flag that decided (None when nothing was staged)."""
-        if self.visual.vd is not None:
-            self.visual.vd.commit(ok)
+    def commit(self, loss: torch.Tensor) -> torch.Tensor:
+        """Ends a training forward, once, before its backward: the statistics its `encode_image` changed
+        (VD EMA, BatchNorm running statistics) stay only if the step is good (finite inputs and loss) and
+        are restored otherwise. Returns the loss to back-propagate: NaN after non-finite inputs, so that
+        the gradients are NaN too and the optimizer skips the step (a NaN pixel need not reach the loss
+        by itself). The next training forward refuses to run until this is called."""
         if self._staged is None:
-            return None
-        saved, inputs_ok = self._staged
-        self._staged = None
-        keep = inputs_ok if ok is None else inputs_ok & ok
-        self.held_back += (~keep).long()
-        for buffer, before in saved:
-            # .data: autograd saved BatchNorm's running statistics as inputs of this step's graph; they
-            # play no part in its training-mode backward, so changing them is safe, but must not be seen
-            buffer.data.copy_(torch.where(keep, buffer, before))
-        return keep
-
-    def settle(self, loss: torch.Tensor) -> torch.Tensor:
-        """Ends a training forward: the statistics stay only if the step is good (finite inputs and
-        loss); a step with non-finite inputs returns a NaN loss, so that its gradients are NaN too and
-        the optimizer skips it (a NaN pixel need not reach the loss by itself)."""
-        keep = self.commit(torch.isfinite(loss))
-        return loss if keep is None else loss * torch.where(keep, 1.0, float("nan")).to(loss.dtype)
+            raise UncommittedStatistics("SohoModel.commit: no training forward to commit (commit once after each)")
+        with torch.no_grad():
+            saved, inputs_ok = self._staged
+            self._staged = None
+            keep = inputs_ok & torch.isfinite(loss)
+            if self.visual.vd is not None:
+                self.visual.vd.commit(keep)
+            self.held_back += (~keep).long()
+            for buffer, before in saved:
+                # .data: autograd saved BatchNorm's running statistics as inputs of this step's graph; they
+                # play no part in its training-mode backward, so changing them is safe, but must not be seen
+                buffer.data.copy_(torch.where(keep, buffer, before))
+        return loss * torch.where(keep, 1.0, float("nan")).to(loss.dtype)
 
 
 def count_parameters(module: nn.Module) -> str:

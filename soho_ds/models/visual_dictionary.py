@@ -150,9 +150,10 @@ class VisualDictionary(nn.Module):
 
     @torch.no_grad()
     def commit(self, ok: torch.Tensor | None = None) -> None:
-        """Applies the statistics of the last training forward where `ok` (a bool tensor) holds."""
+        """Applies the statistics of the last training forward where `ok` (a bool tensor) holds; once
+        after each training forward (SohoModel.commit calls it)."""
         if self._pending is None:
-            return
+            raise RuntimeError("VisualDictionary.commit: no training forward to commit (commit once after each)")
         stats, inputs_ok = self._pending
         self._pending = None
         self.update(stats, inputs_ok if ok is None else inputs_ok & ok)
@@ -183,14 +184,16 @@ class VisualDictionary(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., C), valid (...) bool or None (all valid) -> (straight-through quantised x, entry index (...)).
 
-        In training, this step's statistics wait for `commit`; a forward that finds an
-        uncommitted step commits it first, guarded by that step's own input check.
+        In training, this step's statistics wait for `commit`, and the next training forward refuses to
+        run until it was called.
         """
         flat = x.detach().reshape(-1, self.dim).float()
         weight = None if valid is None else valid.reshape(-1).float()
         safe = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)  # padding may hold anything
         if self.training:
-            self.commit()
+            if self._pending is not None:
+                raise RuntimeError("VisualDictionary: the previous training forward's statistics were never "
+                                   "committed; call commit() after each training forward")
             inputs_ok = torch.isfinite(flat if weight is None else torch.where(weight[:, None] > 0, flat, 0.0)).all()
             if self._initialise:  # at the first training batch; maintain() re-arms it if that one was bad
                 self._initialise_from(safe, weight, inputs_ok)

@@ -85,9 +85,15 @@ class SohoPretrainer(nn.Module):
             semantic_total, semantic_out = self.semantic_heads(visual.features, batch, self.model.stride)
             out.update(semantic_out)
             total = total + semantic_total
-        out["loss"] = self.model.settle(total)  # a non-finite step leaves the VD and BatchNorm as they were
+        out["loss"] = total
+        return out
+
+    def commit(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ends a training forward (see SohoModel.commit): its outputs with the loss to back-propagate and
+        the dictionary's figures after this step's update."""
+        out = {**out, "loss": self.model.commit(out["loss"])}
         if self.mvm_head is not None:
-            out["vd/usage"] = self.model.visual_dictionary.usage.clone()  # this step's, after the commit
+            out["vd/usage"] = self.model.visual_dictionary.usage.clone()
             out["vd/restarts"] = self.model.visual_dictionary.restarts.float()
         return out
 

@@ -1,7 +1,9 @@
 """The one training loop, shared by pretraining and every finetune task.
 
 A task supplies batches, an evaluation and its RNG streams; the loop below owns the step:
-next batch, forward, backward, step, then logging, evaluation and checkpoints at intervals.
+next batch, forward, the module's `commit(out)` (its Visual Dictionary and BatchNorm statistics
+kept or restored: see SohoModel.commit), backward, step, then logging, evaluation and checkpoints
+at intervals.
 Steps count optimizer steps (one global batch each, whatever the accumulation).
 
 A step whose gradients are not finite is skipped by DeepSpeed and counted here; too many in a
@@ -376,7 +378,8 @@ class Trainer:
                     interval["padding"] += padding
                 batch = poison_batch(to_device(host_batch, self.dist.device, self.dtype), self.dist.rank, step + 1)
                 with self.step_context():
-                    out = engine(batch)
+                    # the one place a training forward ends: its statistics kept or restored, before backward
+                    out = engine.module.commit(engine(batch))
                     engine.backward(out["loss"])
                     engine.step()
                     for k, v in out.items():  # summed on-device: no host sync per step

@@ -84,9 +84,9 @@ class FinetuneModel(nn.Module):
         _, pooled = self.model.fuse(input_ids, attention_mask, visual, image_index)
         return pooled
 
-    def finish(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Ends a training forward: the VD and BatchNorm statistics stay only if the step is good."""
-        return {**out, "loss": self.model.settle(out["loss"])}
+    def commit(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ends a training forward (see SohoModel.commit): its outputs with the loss to back-propagate."""
+        return {**out, "loss": self.model.commit(out["loss"])}
 
     def load_pretrained(self, model: saved.SavedModel, same_task: bool = False) -> None:
         """Loads a saved model's weights. From this task's own model every weight, head included, must
@@ -121,7 +121,7 @@ class ClassifierModel(FinetuneModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss, acc = classification_loss(self.logits(batch), batch["labels"])
-        return self.finish({"loss": loss, "loss/cls": loss, "acc/cls": acc})
+        return {"loss": loss, "loss/cls": loss, "acc/cls": acc}
 
 
 class ExampleTask(ABC):

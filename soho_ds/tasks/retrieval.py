@@ -200,7 +200,7 @@ class RetrievalModel(FinetuneModel):
             out["loss/itc"], out["acc/itc"] = contrastive_loss(image_emb, text_emb, every_image, self.itc_temperature)
             loss = loss + self.itc_weight * out["loss/itc"]
         out["loss"] = loss
-        return self.finish(out)
+        return out
 
 
 class RetrievalTask(ExampleTask):

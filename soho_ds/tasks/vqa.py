@@ -190,7 +190,7 @@ class VQAModel(FinetuneModel):
         # BCE summed over answers (mean x number of answers), as UNITER/ViLT.
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
         score = target.gather(1, logits.argmax(1, keepdim=True)).mean()  # VQA score vs soft targets
-        return self.finish({"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score})
+        return {"loss": loss, "loss/vqa": loss, "acc/vqa_soft": score}
 
 
 class VQATask(ExampleTask):

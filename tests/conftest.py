@@ -113,13 +113,11 @@ def grounded(tmp_path_factory, world_of_one):
     CNN (tools/pretrain_backbone.py's defaults), configs/pretrain_synthetic.yaml as shipped with
     ds_configs/zero2_cpu_demo.json; and a downstream set to finetune on. Shared by every test that
     needs a trained model."""
-    import argparse
     import time
 
     import torch
 
     from soho_ds.pretrain.run import pretrain
-    from soho_ds.runtime.run import add_run_arguments
     from soho_ds.synthetic.backbone import train_concept_classifier
     from soho_ds.synthetic.downstream import make_downstream
     from soho_ds.synthetic.shards import make_dataset
@@ -132,12 +130,10 @@ def grounded(tmp_path_factory, world_of_one):
     state, report = train_concept_classifier(f"{root}/shards/train", f"{root}/shards/val")
     torch.save(state, root / "resnet18_concepts.pth")
     run = root / "pretrain"
-    argv = ["--deepspeed_config", str(ROOT / "ds_configs" / "zero2_cpu_demo.json"),
-            "--config", str(ROOT / "configs" / "pretrain_synthetic.yaml")]
-    for s in (f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
-              f"model.backbone_weights={root}/resnet18_concepts.pth", f"train.output_dir={run}", "train.eval_every=40"):
-        argv += ["--set", s]
-    metrics = pretrain(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
+    metrics = pretrain(ROOT / "configs" / "pretrain_synthetic.yaml", ROOT / "ds_configs" / "zero2_cpu_demo.json",
+                       overrides=[f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
+                                  f"model.backbone_weights={root}/resnet18_concepts.pth", f"train.output_dir={run}",
+                                  "train.eval_every=40"])
     return {"root": root, "run": run, "checkpoint": run / "checkpoints", "concepts": report, "metrics": metrics,
             "downstream": root / "downstream", "seconds": time.time() - t0}
 

@@ -50,14 +50,12 @@ def launch(tmp_path, synthetic_data, ranks, steps, extra=(), resume=False, ds_co
     return log
 
 
-def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=None, micro_batch=16, flags=(),
-                        step_context=None):
+def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=None, micro_batch=16,
+                        eval_only=False, hooks=None):
     """One finetune driver in this process (a world of one: the `world_of_one` fixture): the shipped
     synthetic `config` pointed at the test's `downstream` folder, `sets` applied on top. Returns the
     final metrics."""
-    import argparse
-
-    from soho_ds.tasks.run import add_finetune_arguments, finetune
+    from soho_ds.tasks.run import finetune
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = out_dir / "ds.json"
@@ -66,35 +64,21 @@ def finetune_in_process(task, config, downstream, out_dir, steps, sets=(), init=
     cfg = out_dir / config
     cfg.write_text((ROOT / "configs" / config).read_text().replace("data/synthetic_downstream", str(downstream)))
     sets = [f"train.max_steps={steps}", f"train.output_dir={out_dir}/run", *sets]
-    argv = ["--deepspeed_config", str(ds), "--config", str(cfg), *flags] + sum((["--set", s] for s in sets), [])
-    argv += ["--init", str(init)] if init else []
-    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
-    return finetune(args, task) if step_context is None else finetune(args, task, step_context)
+    return finetune(task, cfg, ds, init=init, eval_only=eval_only, overrides=sets, hooks=hooks)
 
 
 IN_PROCESS_DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 10.0,
                  "zero_optimization": {"stage": 2}}
 
 
-def pretrain_in_process(tmp_path, shards, steps, sets=(), flags=(), monkeypatch=None, fault=None):
+def pretrain_in_process(tmp_path, shards, steps, sets=(), resume=None, restart=False, fault=None, hooks=None):
     """`launch/pretrain.py`'s entry in this process (a world of one) with the tiny model; `shards`: what
-    data.train_shards is set to (a path, or a YAML list of weighted sources)."""
-    import argparse
+    data.train_shards is set to (a path, or a YAML list of weighted sources); `fault`: a FaultInjection spec."""
+    from soho_ds.pretrain.run import pretrain
+    from soho_ds.runtime.faults import FaultInjection
 
-    from soho_ds.pretrain.run import pretrain as run
-    from soho_ds.runtime.run import add_run_arguments
-
-    if monkeypatch is not None:
-        if fault:
-            monkeypatch.setenv("SOHO_DS_FAULT", fault)
-        else:
-            monkeypatch.delenv("SOHO_DS_FAULT", raising=False)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps(IN_PROCESS_DS))
-    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml"), "--precision",
-            "fp32", *flags]
-    for s in TINY + [f"data.train_shards={shards}", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
-                     f"train.max_steps={steps}", "train.eval_every=0", *sets]:
-        argv += ["--set", s]
-    return run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
+    sets = TINY + [f"data.train_shards={shards}", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
+                   f"train.max_steps={steps}", "train.eval_every=0", *sets]
+    return pretrain(ROOT / "configs/pretrain_synthetic.yaml", IN_PROCESS_DS, overrides=sets, resume=resume,
+                    restart=restart, precision="fp32", hooks=FaultInjection(fault) if fault else hooks)

@@ -32,7 +32,7 @@ def test_vqa_finetune_beats_the_most_frequent_answer_and_its_vocabulary_travels(
     # test-dev: questions alone (no train files, no answers), from the finetuned checkpoint
     test_dev = finetune_in_process(
         "vqa", "finetune_vqa_synthetic.yaml", downstream, tmp_path / "test_dev", steps=20, init=ckpt,
-        flags=["--eval_only"], sets=["task.train_file=null", "task.train_answers=null",
+        eval_only=True, sets=["task.train_file=null", "task.train_answers=null",
                                      f"task.eval_file={downstream}/vqa/questions_test-dev.json", "task.eval_answers=null"])
     assert test_dev["num_questions"] == len(val)
     answers = {r["question_id"]: r["answer"] for r in json.loads((tmp_path / "test_dev/run/vqa_results.json").read_text())}

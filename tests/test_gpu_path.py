@@ -1,7 +1,6 @@
 """What only a GPU runs, proven on the CPU as far as it can be: no host sync inside a training step
 (counted), DeepSpeed's fp16 and bf16 casts applied to every model, every DALI graph defined with the
 GPU decoder, BatchNorm in each mode across two ranks."""
-import json
 import traceback
 from collections import Counter
 
@@ -47,6 +46,18 @@ class SyncCounter(TorchDispatchMode):
             self.calls[(where, packet.__name__)] += 1
         return func(*args, **(kwargs or {}))
 
+    def hooks(self):
+        """The trainer's StepHooks that count each micro-step (forward, commit, backward, step) here."""
+        from soho_ds.runtime.trainer import StepHooks
+
+        mode = self
+
+        class Counting(StepHooks):
+            def micro_step(self):
+                return mode.step()
+
+        return Counting()
+
     def step(self):
         mode = self
 
@@ -61,21 +72,10 @@ class SyncCounter(TorchDispatchMode):
         return _Step()
 
 
-def _pretrain(tmp_path, shards, steps, sets, step_context):
-    import argparse
+def _pretrain(tmp_path, shards, steps, sets, hooks):
+    from launching import pretrain_in_process
 
-    from soho_ds.pretrain.run import pretrain
-    from soho_ds.runtime.run import add_run_arguments
-
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                              "gradient_clipping": 10.0, "zero_optimization": {"stage": 2}}))
-    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml"),
-            "--precision", "fp32"]
-    for s in TINY + [f"data.train_shards={shards}/train", "data.val_shards=null", f"train.output_dir={tmp_path}/run",
-                     f"train.max_steps={steps}", *sets]:
-        argv += ["--set", s]
-    return pretrain(add_run_arguments(argparse.ArgumentParser()).parse_args(argv), step_context)
+    return pretrain_in_process(tmp_path, f"{shards}/train", steps, sets=sets, hooks=hooks)
 
 
 def _deepspeed_norm_checks(steps: int, groups: int) -> dict:
@@ -93,7 +93,7 @@ def test_a_training_step_issues_no_host_sync(tmp_path, synthetic_data, world_of_
     counter.steps = 0
     with counter:
         _pretrain(tmp_path, synthetic_data, 4, ["pretrain.mvm_prob=1.0", "pretrain.itc_weight=0.5",
-                                                "model.vd_restart_below=0.5", "train.log_every=2"], counter.step)
+                                                "model.vd_restart_below=0.5", "train.log_every=2"], counter.hooks())
     assert counter.steps == 4
     ours = {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")}
     assert ours == {}, ours
@@ -111,7 +111,7 @@ def test_a_finetune_step_issues_no_host_sync(tmp_path, downstream, world_of_one,
     counter.steps = 0
     config = {"vqa": "finetune_vqa_synthetic.yaml", "retrieval": "finetune_retrieval_synthetic.yaml"}[task]
     with counter:
-        finetune_in_process(task, config, downstream, tmp_path, 2, TINY, micro_batch=4, step_context=counter.step)
+        finetune_in_process(task, config, downstream, tmp_path, 2, TINY, micro_batch=4, hooks=counter.hooks())
     assert counter.steps == 2
     ours = {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")}
     assert ours == {}, ours

@@ -98,7 +98,7 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_
     mix = (f"[{{name: small, shards: {sources}/small, weight: 3}}, "
            f"{{name: large, shards: {sources}/large, weight: 1}}]")
     sets = ["train.save_every=3", "train.log_every=1"]
-    pretrain_in_process(tmp_path / "whole", mix, 6, sets=sets, monkeypatch=monkeypatch)
+    pretrain_in_process(tmp_path / "whole", mix, 6, sets=sets)
     whole = rows(tmp_path / "whole/run")
     # every step draws one batch of 4 images from one source: the counts add up, both sources drawn
     for step, row in whole.items():
@@ -108,10 +108,10 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_
     assert meta["images_seen"] == {"large": whole[3]["data/images_large"], "small": whole[3]["data/images_small"]}
 
     # SIGTERM after step 4: a checkpoint at step 4, then --resume runs steps 5 and 6 as the whole run did
-    pretrain_in_process(tmp_path / "cut", mix, 6, sets=sets, monkeypatch=monkeypatch, fault="0:4:TERM")
+    pretrain_in_process(tmp_path / "cut", mix, 6, sets=sets, fault="0:4:TERM")
     ckpt = tmp_path / "cut/run/checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000004"
-    pretrain_in_process(tmp_path / "cut", mix, 6, sets=sets, flags=["--resume"], monkeypatch=monkeypatch)
+    pretrain_in_process(tmp_path / "cut", mix, 6, sets=sets, resume="yes")
     cut = rows(tmp_path / "cut/run")
     for step in (5, 6):
         for key, value in whole[step].items():
@@ -121,18 +121,17 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_
 
     # a crash right after step 5 (as SIGKILL: no checkpoint written on the way out): --resume goes back to
     # step 3's checkpoint and steps 4 to 6 repeat the whole run's, counts included
-    from soho_ds.runtime import trainer
+    from soho_ds.runtime.trainer import StepHooks
 
-    def crash(rank, step):
-        if step == 5:
-            raise RuntimeError("killed")
+    class Crash(StepHooks):
+        def after_step(self, rank, step):
+            if step == 5:
+                raise RuntimeError("killed")
 
-    monkeypatch.setattr(trainer, "inject_fault", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, monkeypatch=monkeypatch)
+        pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, hooks=Crash())
     assert (tmp_path / "crash/run/checkpoints/latest").read_text() == "step_00000003"
-    monkeypatch.undo()
-    pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, flags=["--resume"])
+    pretrain_in_process(tmp_path / "crash", mix, 6, sets=sets, resume="yes")
     crashed = rows(tmp_path / "crash/run")
     for step in (4, 5, 6):
         for key, value in whole[step].items():
@@ -143,7 +142,7 @@ def test_mixed_pretraining_counts_each_source_and_resumes_exactly_after_sigterm_
 @pytest.mark.slow
 def test_changed_weights_restart_the_data_order_with_a_warning(sources, tmp_path, world_of_one, monkeypatch):
     mix = "[{{name: small, shards: {0}/small, weight: {1}}}, {{name: large, shards: {0}/large, weight: 1}}]"
-    pretrain_in_process(tmp_path, mix.format(sources, 3), 2, sets=["train.save_every=2"], monkeypatch=monkeypatch)
+    pretrain_in_process(tmp_path, mix.format(sources, 3), 2, sets=["train.save_every=2"])
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
@@ -153,7 +152,7 @@ def test_changed_weights_restart_the_data_order_with_a_warning(sources, tmp_path
     checked, check = [], pipeline.trusted_index_paths
     monkeypatch.setattr(pipeline, "trusted_index_paths", lambda paths: checked.append(tuple(paths)) or check(paths))
     try:
-        pretrain_in_process(tmp_path, mix.format(sources, 1), 3, flags=["--resume"], monkeypatch=monkeypatch)
+        pretrain_in_process(tmp_path, mix.format(sources, 1), 3, resume="yes")
     finally:
         logging.getLogger("soho_ds").removeHandler(handler)
     assert any("mixing weights changed" in w for w in warnings), warnings

@@ -79,7 +79,7 @@ def test_pretraining_measures_retrieval_at_each_evaluation_and_keeps_the_best_ch
                                                                                          world_of_one, monkeypatch):
     pretrain_in_process(tmp_path, f"{synthetic_data}/train", 4,
                         sets=[f"data.retrieval_shards={synthetic_data}/val", "train.eval_every=2",
-                              "train.retrieval_images=12", "train.retrieval_rerank=3"], monkeypatch=monkeypatch)
+                              "train.retrieval_images=12", "train.retrieval_rerank=3"])
     evals = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4]
     for e in evals:

@@ -1,6 +1,5 @@
 """Every bad input named before a long run starts, no silent data loss, no poisoned checkpoint: one
 fault injected at a time, and what was counted, logged and kept checked."""
-import argparse
 import io
 import json
 import logging
@@ -222,7 +221,7 @@ def test_an_error_in_a_later_shard_names_that_shard_and_the_key(tmp_path):
 
 def test_a_nan_input_is_a_skipped_counted_step_that_leaves_no_trace(tmp_path, world_of_one, messages, monkeypatch):
     data = shards(tmp_path / "data")
-    pretrain(tmp_path, data, 6, monkeypatch=monkeypatch, fault="0:3:NAN")
+    pretrain(tmp_path, data, 6, fault="0:3:NAN")
     log = rows(tmp_path / "run")
     # the skipped step has no line of its own (nothing to average); later lines count it
     assert {s: log[s]["train/skipped_steps"] for s in log} == {1: 0, 2: 0, 4: 1, 5: 1, 6: 1}
@@ -241,7 +240,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(
     data = shards(tmp_path / "data")
     with pytest.raises(TrainingStopped, match=r"3 steps in a row had non-finite loss or gradients .* stopping at "
                                               r"step 5. The last good checkpoint is step_00000004"):
-        pretrain(tmp_path, data, 20, ["train.save_every=2", "train.max_skipped_steps=3"], monkeypatch=monkeypatch,
+        pretrain(tmp_path, data, 20, ["train.save_every=2", "train.max_skipped_steps=3"],
                  fault="0:3-99:NAN")
     # the step-4 checkpoint holds the step-2 weights and optimizer state: the skipped steps changed nothing
     digests = [line.split(": ", 1)[1] for line in messages.lines if line.startswith("state digest @ step")]
@@ -255,7 +254,7 @@ def test_checkpoints_with_non_finite_values_are_never_written_nor_loaded(tmp_pat
     from soho_ds.config import TrainConfig
 
     data = shards(tmp_path / "data")
-    pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 2)
     ckpt = tmp_path / "run/checkpoints"
     # --resume refuses a checkpoint whose weights hold a NaN
     states = ckpt / "step_00000002" / "mp_rank_00_model_states.pt"
@@ -264,7 +263,7 @@ def test_checkpoints_with_non_finite_values_are_never_written_nor_loaded(tmp_pat
     saved["module"][name].view(-1)[0] = float("nan")
     torch.save(saved, states)
     with pytest.raises(CheckpointError, match=rf"{name}.*resume from an earlier tag"):
-        pretrain(tmp_path, data, 4, flags=["--resume"], monkeypatch=monkeypatch)
+        pretrain(tmp_path, data, 4, resume="yes")
     # --init refuses one too (a consolidated file with a NaN)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -292,19 +291,19 @@ def test_checkpoints_with_non_finite_values_are_never_written_nor_loaded(tmp_pat
 
 def test_nothing_is_overwritten_without_being_asked(tmp_path, world_of_one, messages, monkeypatch):
     data = shards(tmp_path / "data")
-    pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 2)
     with pytest.raises(ConfigError, match=r"already holds a run \(latest checkpoint: step_00000002\); continue it "
                                           r"with --resume, or start over with --restart"):
-        pretrain(tmp_path, data, 2, monkeypatch=monkeypatch)
+        pretrain(tmp_path, data, 2)
     with pytest.raises(ConfigError, match=r"--resume: no complete checkpoint in .*elsewhere/run/checkpoints"):
-        pretrain(tmp_path / "elsewhere", data, 2, flags=["--resume"], monkeypatch=monkeypatch)
-    pretrain(tmp_path / "auto", data, 1, flags=["--resume", "auto"], monkeypatch=monkeypatch)  # nothing yet: starts
+        pretrain(tmp_path / "elsewhere", data, 2, resume="yes")
+    pretrain(tmp_path / "auto", data, 1, resume="auto")  # nothing yet: starts
     assert "--resume auto: no checkpoint" in messages
     # a resumed run whose YAML changed the learning rate says that the restored state keeps the old one
-    pretrain(tmp_path, data, 3, ["train.lr=1e-4"], flags=["--resume"], monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 3, ["train.lr=1e-4"], resume="yes")
     assert "train.lr is 0.0001 in" in messages and "the restored optimizer and schedule keep 0.002" in messages
     # --restart: the old run's files move aside, the new run's checkpoint is the final one
-    pretrain(tmp_path, data, 2, flags=["--restart"], monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 2, restart=True)
     previous = list((tmp_path / "run/previous").iterdir())
     assert len(previous) == 1 and (previous[0] / "checkpoints/step_00000003").is_dir()
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000002"
@@ -323,13 +322,13 @@ def test_a_decode_failure_at_run_time_names_shard_and_key_and_reindex_then_resum
     sets = ["train.save_every=2", "data.shuffle_buffer=1", "data.group_by_orientation=false"]
     with pytest.raises(SampleDecodeError, match=r"(?s)000001\.tar:b00 \(does not decode.*Fix: python "
                                                 r"tools/index_shards\.py .*--resume"):
-        pretrain(tmp_path, data, 12, sets, monkeypatch=monkeypatch)
+        pretrain(tmp_path, data, 12, sets)
     # the run stopped at the step whose batch held b00 (where DALI met it depends on its read-ahead): the last
     # checkpoint is the last even step it completed
     completed = max(rows(tmp_path / "run"))
     assert (tmp_path / "run/checkpoints/latest").read_text() == f"step_{completed - completed % 2:08d}"
     index_shards(str(data))  # the documented way out
-    pretrain(tmp_path, data, 12, sets, flags=["--resume"], monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 12, sets, resume="yes")
     assert "the shards or their mixing weights changed since this checkpoint" in messages
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_00000012"
 
@@ -355,17 +354,15 @@ def test_inputs_are_refused_before_any_model_is_built(tmp_path, world_of_one, me
     ds = tmp_path / "broken.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "2"}))
     from soho_ds.pretrain.run import pretrain as run
-    from soho_ds.runtime.run import add_run_arguments
 
-    argv = ["--deepspeed_config", str(ds), "--config", str(ROOT / "configs/pretrain_synthetic.yaml")]
     with pytest.raises(ConfigError, match=r"broken\.json: train_micro_batch_size_per_gpu must be a positive integer"):
-        sets = [f"data.train_shards={data}"] + TINY_MODEL  # the demo's stand-in weights may not exist yet
-        run(add_run_arguments(argparse.ArgumentParser()).parse_args(argv + [a for s in sets for a in ("--set", s)]))
+        # the demo's stand-in weights may not exist yet: the tiny model's overrides
+        run(ROOT / "configs/pretrain_synthetic.yaml", ds, overrides=[f"data.train_shards={data}"] + TINY_MODEL)
     with pytest.raises(ConfigError, match=r"data\.train_shards: shard path does not exist: /nonexistent"):
-        pretrain(tmp_path, "/nonexistent", 2, monkeypatch=monkeypatch)
+        pretrain(tmp_path, "/nonexistent", 2)
     assert "model:" not in " ".join(messages.lines)  # refused before any model was built
     # --init from a checkpoint trained without pool_last, into a YAML that asks for it
-    pretrain(tmp_path, data, 1, monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 1)
     assert "model.backbone_weights is null: the resnet18 starts from random weights" in messages  # said at start
     assert "model.bert_dir is null: the transformer starts from random weights" in messages
     with pytest.raises(ConfigError, match=r"model\.pool_last is True but the checkpoint was trained with False"):
@@ -424,12 +421,12 @@ def test_a_disk_that_fills_during_a_checkpoint_leaves_the_last_complete_one_and_
                                               r"\(s\) failed; .*step_00000004\.partial.*unexpected pos 2496 vs "
                                               r"2390'?\); "
                                               r"[\d.]+ GiB free on .*last complete checkpoint is step_00000002"):
-        pretrain(tmp_path, data, 4, sets=["train.save_every=2"], monkeypatch=monkeypatch)
+        pretrain(tmp_path, data, 4, sets=["train.save_every=2"])
     ckpt = tmp_path / "run/checkpoints"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002"]  # complete or absent
     assert (ckpt / "latest").read_text() == "step_00000002"
     monkeypatch.setattr(torch, "save", real_save)
-    pretrain(tmp_path, data, 4, sets=["train.save_every=2"], flags=["--resume"], monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 4, sets=["train.save_every=2"], resume="yes")
     assert (ckpt / "latest").read_text() == "step_00000004" and (ckpt / "step_00000004/meta.json").is_file()
     assert [r["step"] for r in map(json.loads, (tmp_path / "run/train.jsonl").read_text().splitlines())][-2:] == [3, 4]
 
@@ -451,7 +448,7 @@ def test_sigterm_during_the_final_checkpoint_finishes_it_and_says_so(tmp_path, w
         return real_save(engine, ckpt_dir, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save", terminated_while_saving)
-    pretrain(tmp_path, data, 3, monkeypatch=monkeypatch)
+    pretrain(tmp_path, data, 3)
     ckpt = tmp_path / "run/checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000003"
     assert {p.name for p in (ckpt / "step_00000003").iterdir()} >= {"meta.json", "run_config.yaml", "rank_00000.pt"}

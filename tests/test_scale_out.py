@@ -1,6 +1,6 @@
 """Scale-out guarantees through the real launcher: exact resume after SIGKILL and after SIGTERM
 (preemption), no half-written checkpoint resumed, world-size changes through universal checkpoints,
-bounded waits when a rank dies or hangs. Faults are injected at a fixed step (SOHO_DS_FAULT)."""
+bounded waits when a rank dies or hangs. Faults are injected at a fixed step (the launcher's --inject_fault)."""
 import contextlib
 import json
 import os
@@ -40,10 +40,6 @@ def train_log(run_dir):
     return rows
 
 
-def with_fault(spec):
-    return dict(ENV, SOHO_DS_FAULT=spec)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic_data):
     """The uninterrupted 8-step run that the interrupted ones must reproduce."""
@@ -62,7 +58,7 @@ def assert_same_curve(reference, resumed, from_step):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_repeats_the_uninterrupted_loss_curve(tmp_path, synthetic_data, reference):
-    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, env=with_fault("0:5:KILL"),
+    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, flags=["--inject_fault", "0:5:KILL"],
                  expect_ok=False)  # rank 0 dies right after step 5, between the checkpoints of steps 3 and 6
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000003", log[-2000:]
@@ -81,7 +77,8 @@ def test_sigterm_checkpoints_every_rank_at_the_next_step_and_the_resumed_curve_i
                                                                                           reference):
     """Preemption: the launcher gets SIGTERM after step 4 (and passes it on to its ranks); every rank
     writes one checkpoint at the next step boundary and exits; --resume continues exactly."""
-    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, env=with_fault("0:4:TERM:launcher"),
+    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME,
+                 flags=["--inject_fault", "0:4:TERM:launcher"],
                  expect_ok=False)  # the launcher reports the signal; the ranks themselves exit cleanly
     match = re.search(r"SIGTERM: checkpoint step_0*(\d+) written at step \d+ on every rank", log)
     assert match, log[-3000:]
@@ -127,9 +124,10 @@ def test_a_dead_or_hung_rank_stops_the_others_within_the_timeout(tmp_path, synth
     timeout_s = 8
     cmd = launch_command(tmp_path, synthetic_data, 10_000, [f"train.collective_timeout_s={timeout_s}",
                                                             "train.eval_every=0"],
-                         launcher_args=("--num_gpus", "2", "--master_port", str(free_port())))
+                         launcher_args=("--num_gpus", "2", "--master_port", str(free_port())),
+                         flags=["--inject_fault", f"1:3:{sig}"])
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=with_fault(f"1:3:{sig}"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     # a guard against a hang of the test itself, not a limit the run must meet: it only ends the processes

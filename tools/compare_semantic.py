@@ -56,37 +56,27 @@ def shape_hard_pairs(downstream: Path) -> tuple[list[str], list[str], list[int]]
 
 def pretrain(out: Path, root: Path, cnn: Path, seed: int, steps: int, eval_every: int, save_every: int,
              extra: list[str]) -> float:
-    import argparse as ap
-
     from soho_ds.pretrain.run import pretrain as run
-    from soho_ds.runtime.run import add_run_arguments
 
-    argv = ["--deepspeed_config", str(ROOT / "ds_configs/zero2_cpu_demo.json"), "--config",
-            str(ROOT / "configs/pretrain_synthetic.yaml"), "--restart"]
-    for s in [f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
-              f"model.backbone_weights={cnn}", f"train.output_dir={out}", f"train.max_steps={steps}",
-              f"train.eval_every={eval_every}", f"train.save_every={save_every}", f"train.seed={seed}",
-              "train.image_log_every=0", *extra]:
-        argv += ["--set", s]
     t0 = time.time()
-    run(add_run_arguments(ap.ArgumentParser()).parse_args(argv))
+    run(ROOT / "configs/pretrain_synthetic.yaml", ROOT / "ds_configs/zero2_cpu_demo.json", restart=True,
+        overrides=[f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
+                   f"model.backbone_weights={cnn}", f"train.output_dir={out}", f"train.max_steps={steps}",
+                   f"train.eval_every={eval_every}", f"train.save_every={save_every}", f"train.seed={seed}",
+                   "train.image_log_every=0", *extra])
     return (time.time() - t0) / steps
 
 
 def finetune(init: Path, downstream: Path, out: Path, steps: int) -> dict:
-    import argparse as ap
-
-    from soho_ds.tasks.run import add_finetune_arguments, finetune as run
+    from soho_ds.tasks.run import finetune as run
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "retrieval.yaml"
     cfg.write_text((ROOT / "configs/finetune_retrieval_synthetic.yaml").read_text().replace(
         "data/synthetic_downstream", str(downstream)))
-    argv = ["--deepspeed_config", str(ROOT / "ds_configs/zero2_cpu_demo.json"), "--config", str(cfg), "--init",
-            str(init), "--restart"]
-    for s in [f"train.output_dir={out}/run", f"train.max_steps={steps}", f"train.warmup_steps={min(4, steps)}"]:
-        argv += ["--set", s]
-    return run(add_finetune_arguments(ap.ArgumentParser()).parse_args(argv), "retrieval")
+    return run("retrieval", cfg, ROOT / "ds_configs/zero2_cpu_demo.json", init=init, restart=True,
+               overrides=[f"train.output_dir={out}/run", f"train.max_steps={steps}",
+                          f"train.warmup_steps={min(4, steps)}"])
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:

@@ -31,7 +31,6 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from soho_ds.pretrain.run import pretrain
-    from soho_ds.runtime.run import add_run_arguments
     from soho_ds.synthetic.backbone import train_concept_classifier
     from soho_ds.synthetic.shards import make_dataset
 
@@ -45,14 +44,11 @@ def main() -> None:
                                                  image_size=a.cnn_size)
         torch.save(state, cnn)
     out = root / a.tag
-    argv = ["--deepspeed_config", a.deepspeed_config, "--config", str(ROOT / "configs/pretrain_synthetic.yaml"),
-            "--precision", a.precision, "--restart"]
-    for s in [f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
-              f"model.backbone_weights={cnn}", f"train.output_dir={out}", "train.image_log_every=0",
-              "train.eval_every=40", *a.set]:
-        argv += ["--set", s]
     t0 = time.time()
-    pretrain(add_run_arguments(argparse.ArgumentParser()).parse_args(argv))
+    pretrain(ROOT / "configs/pretrain_synthetic.yaml", a.deepspeed_config, precision=a.precision, restart=True,
+             overrides=[f"data.train_shards={root}/shards/train", f"data.val_shards={root}/shards/val",
+                        f"model.backbone_weights={cnn}", f"train.output_dir={out}", "train.image_log_every=0",
+                        "train.eval_every=40", *a.set])
     print(f"{a.tag}: pretraining {time.time() - t0:.0f} s; overrides {a.set}")
     for line in (out / "eval.jsonl").read_text().splitlines():
         e = json.loads(line)

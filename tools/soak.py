@@ -42,8 +42,8 @@ def launch(run: Path, data: Path, steps: int, log_every: int, resume: bool, faul
     for s in TINY + [f"data.train_shards={data}/train", "data.val_shards=null", f"train.output_dir={run}",
                      f"train.max_steps={steps}", f"train.log_every={log_every}", f"train.save_every={steps}"]:
         cmd += ["--set", s]
-    cmd += ["--resume"] if resume else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SOHO_DS_FAULT": fault} if fault else {})}
+    cmd += (["--resume"] if resume else []) + (["--inject_fault", fault] if fault else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 

@@ -1,17 +1,17 @@
 """Pretraining entry: every input checked, ranks joined, model and engine built, the one trainer run."""
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
+from pathlib import Path
+from typing import Sequence
 
 from soho_ds.models.soho import count_parameters
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.pretrain.task import PretrainTask, check_shards
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
-from soho_ds.runtime.run import prepare, seed_rank
-from soho_ds.runtime.trainer import Trainer
+from soho_ds.runtime.run import RunOptions, prepare, seed_rank
+from soho_ds.runtime.trainer import StepHooks, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,14 @@ def warn_about_random_start(cfg) -> None:
                     "bert-base-uncased: set it to a local folder with its config.json and weights)", cfg.source)
 
 
-def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> dict[str, float]:
-    """`step_context`: see Trainer (the tests count what a step does through it)."""
-    run = prepare(args, check=check_shards)
+def pretrain(config: str | Path, deepspeed_config: str | Path | dict, *, overrides: Sequence[str] = (),
+             resume: str | None = None, restart: bool = False, precision: str = "auto",
+             hooks: StepHooks | None = None) -> dict[str, float]:
+    """Pretrains as `deepspeed launch/pretrain.py` does (that launcher parses its command line into these
+    arguments; see RunOptions for each). Every rank calls it; returns the last held-out evaluation.
+    `hooks`: attached to every step (runtime.trainer.StepHooks: counters, runtime.faults)."""
+    options = RunOptions(config, deepspeed_config, tuple(overrides), resume, restart, precision)
+    run = prepare(options, check=check_shards)
     cfg, dist_info = run.cfg, run.dist
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
     log.info("model: %s parameters, %s backbone, %d-layer transformer, K=%d", count_parameters(module),
@@ -39,7 +44,7 @@ def pretrain(args: argparse.Namespace, step_context=contextlib.nullcontext) -> d
     seed_rank(cfg, dist_info)
     task = PretrainTask(cfg, dist_info, engine.train_micro_batch_size_per_gpu(), module.model.stride, run.checked)
     with fail_fast_on_peer_loss(dist_info.rank, cfg.train.collective_timeout_s):
-        metrics = Trainer(engine, task, cfg, run.logger, dist_info, step_context).fit(resume=run.resume)
+        metrics = Trainer(engine, task, cfg, run.logger, dist_info, hooks).fit(resume=run.resume)
     if "acc/itm" in metrics:
         log.info("held-out ITM accuracy %.3f (chance 0.500 with %.0f%% negatives), MLM accuracy %.3f",
                  metrics["acc/itm"], 100 * cfg.pretrain.itm_neg_prob, metrics["acc/mlm"])

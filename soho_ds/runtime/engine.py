@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 
-def load_ds_config(path: str | Path) -> dict:
-    """Reads a DeepSpeed JSON config, refusing it with its file name if it is broken."""
+def load_ds_config(path: str | Path | dict) -> dict:
+    """Reads a DeepSpeed JSON config, refusing it with its file name if it is broken (a dict: its contents,
+    as given from Python, copied)."""
+    if isinstance(path, dict):
+        return json.loads(json.dumps(path))
     path = Path(path)
     def unique(pairs):
         keys = [k for k, _ in pairs]

@@ -1,4 +1,4 @@
-"""What every driver (pretraining, each finetune) shares before its model exists: the arguments,
+"""What every driver (pretraining, each finetune) shares before its model exists: its options,
 every input checked before any process group, the output folder's policy, the process group,
 console and TensorBoard, and the seeds.
 
@@ -8,7 +8,6 @@ rank, so a broken input costs seconds, not a model build.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -16,12 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
 import yaml
 
 from soho_ds import saved
-from soho_ds.config import ConfigError, ReportedError, RunConfig, load_config
+from soho_ds.config import ConfigError, RunConfig, load_config
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, init_distributed
 from soho_ds.runtime.engine import PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config
@@ -35,20 +33,25 @@ RESTORED_BY_RESUME = ("lr", "cnn_lr_mult", "head_lr_mult", "weight_decay", "beta
                       "cnn_momentum", "cnn_weight_decay")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments every driver shares; DeepSpeed adds --deepspeed_config itself."""
-    parser.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
-                        help="continue from the latest checkpoint in output_dir (an error if there is none); "
-                             "'--resume auto': continue if there is one, else start (for requeued jobs)")
-    parser.add_argument("--restart", action="store_true",
-                        help="start over in an output_dir that holds a run: its files move to output_dir/previous/")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: the JSON's choice on GPU, bf16 instead of fp16 on CPU")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return deepspeed.add_config_arguments(parser)
+RESUME = (None, "yes", "auto")  # no resume; resume (a checkpoint must exist); resume if there is one
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a driver runs: what a launcher's command line says, typed (launch/cli.py parses it)."""
+    config: str | Path  # the run config YAML
+    deepspeed_config: str | Path | dict  # the DeepSpeed JSON, or its contents
+    overrides: tuple[str, ...] = ()  # "key=value" on top of the YAML, e.g. "train.max_steps=100"
+    resume: str | None = None  # one of RESUME
+    restart: bool = False  # start over in an output_dir that holds a run (its files move to previous/)
+    precision: str = "auto"  # one of runtime.engine.PRECISIONS
+
+    def __post_init__(self):
+        if self.resume not in RESUME:
+            raise ConfigError(f"resume must be one of {RESUME}, got {self.resume!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
 
 
 @dataclass
@@ -117,32 +120,34 @@ def warn_about_restored_settings(cfg: RunConfig, ckpt_dir: Path) -> None:
                         "next step", key, before[key], now[key])
 
 
-def prepare(args: argparse.Namespace, checkpoint_config: tuple[dict, str] | None = None,
+def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = None,
             check=None, evaluate_only: bool = False) -> Run:
     """Everything before the model: all inputs checked (before any process group), ranks joined.
     `check(cfg)` adds a driver's own checks (shards, task files) at the same point. An evaluation
     writes no checkpoint, so it may run in a folder that holds one."""
-    cfg = load_config(args.config, args.set, checkpoint_config)
-    if not args.deepspeed_config:
+    cfg = load_config(options.config, list(options.overrides), checkpoint_config)
+    if not options.deepspeed_config:
         raise ConfigError("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds = resolve_batch(load_ds_config(args.deepspeed_config), world, args.deepspeed_config)
-    validate_ds_config(ds, args.deepspeed_config)
+    ds_source = options.deepspeed_config if not isinstance(options.deepspeed_config, dict) else "deepspeed_config"
+    ds = resolve_batch(load_ds_config(options.deepspeed_config), world, ds_source)
+    validate_ds_config(ds, ds_source)
     checked = check(cfg) if check is not None else None
-    resume = (check_output_dir(cfg, args.resume, args.restart) if not evaluate_only
-              else bool(args.resume) and checkpoint.latest_tag(Path(cfg.train.output_dir) / "checkpoints") is not None)
+    ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
+    resume = (check_output_dir(cfg, options.resume, options.restart) if not evaluate_only
+              else bool(options.resume) and checkpoint.latest_tag(ckpt_dir) is not None)
     dist_info = init_distributed(cfg.train.collective_timeout_s)
     setup_console(dist_info.rank, dist_info.world_size, dist_info.local_rank)
-    if args.restart and dist_info.is_main and (moved := move_previous_run(cfg.train.output_dir)):
+    if options.restart and dist_info.is_main and (moved := move_previous_run(cfg.train.output_dir)):
         log.info("--restart: the earlier run's files are now in %s", moved)
     if torch.distributed.is_initialized() and dist_info.world_size > 1:
         torch.distributed.barrier()  # the earlier run is out of the way on every rank's view
-    ds = resolve_precision(ds, dist_info.device.type, args.precision)
+    ds = resolve_precision(ds, dist_info.device.type, options.precision)
     ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
     if resume:
         warn_about_restored_settings(cfg, ckpt_dir)
         ds = checkpoint.prepare_resume(ckpt_dir, ds, dist_info.world_size, dist_info.rank)
-    elif args.resume == "auto":
+    elif options.resume == "auto":
         log.info("--resume auto: no checkpoint in %s, starting a new run", ckpt_dir)
     logger = RunLogger(f"{cfg.train.output_dir}/tensorboard", dist_info.rank)
     logger.text("config/run", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
@@ -156,15 +161,3 @@ def prepare(args: argparse.Namespace, checkpoint_config: tuple[dict, str] | None
 def seed_rank(cfg: RunConfig, dist_info: DistInfo) -> None:
     """After the model exists: per-rank streams for augmentation-like randomness (MVM choice, dropout)."""
     torch.manual_seed(derive(cfg.train.seed, "torch", dist_info.rank))
-
-
-def main(entry, parser: argparse.ArgumentParser, *extra) -> None:
-    """A driver's `__main__`: parses the command line and runs `entry(args, *extra)`; an error that
-    explains itself (ReportedError) ends the process with its message and status 1, no traceback."""
-    args = parser.parse_args()
-    try:
-        entry(args, *extra)
-    except ReportedError as e:
-        logging.getLogger("soho_ds").error("%s", e)
-        raise SystemExit(1) from None
-

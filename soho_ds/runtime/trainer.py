@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import statistics
 import time
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -58,37 +57,20 @@ class Task(Protocol):
     def checkpoint_files(self) -> dict[str, str]: ...  # written beside each checkpoint (e.g. answer vocabulary)
 
 
-FAULT_ENV = "SOHO_DS_FAULT"
+class StepHooks:
+    """What a caller attaches to the loop's steps (tests count operations or inject faults through it;
+    runtime/faults.py); the defaults do nothing."""
 
+    def before_forward(self, batch: dict[str, torch.Tensor], rank: int, step: int) -> dict[str, torch.Tensor]:
+        """The device batch of optimizer step `step` (counted from 1) as the forward gets it."""
+        return batch
 
-def _fault(rank: int, step: int) -> list[str] | None:
-    """The parts of SOHO_DS_FAULT="R:N[-M]:KIND[:launcher]" when it targets this rank at this step."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    parts = spec.split(":")
-    first, _, last = parts[1].partition("-")
-    return parts if int(parts[0]) == rank and int(first) <= step <= int(last or first) else None
+    def micro_step(self) -> ContextManager:
+        """Wraps each micro-step: forward, commit, backward and optimizer step."""
+        return contextlib.nullcontext()
 
-
-def inject_fault(rank: int, step: int) -> None:
-    """Fault injection for resilience tests, at a deterministic point: SOHO_DS_FAULT="R:N:SIGNAL[:launcher]"
-    makes global rank R send SIGNAL (KILL, STOP, TERM, ...) to itself, or to its launcher, right after
-    step N."""
-    parts = _fault(rank, step)
-    if parts and parts[2].upper() != "NAN":
-        target = os.getppid() if parts[3:] == ["launcher"] else os.getpid()
-        os.kill(target, getattr(signal, f"SIG{parts[2].upper().removeprefix('SIG')}"))
-
-
-def poison_batch(batch: dict[str, torch.Tensor], rank: int, step: int) -> dict[str, torch.Tensor]:
-    """SOHO_DS_FAULT="R:N[-M]:NAN": rank R's images of steps N..M get one NaN pixel, as a corrupt
-    input would (the tests of non-finite steps)."""
-    if _fault(rank, step) and _fault(rank, step)[2].upper() == "NAN":
-        images = batch["images"].clone()
-        images.view(-1)[0] = float("nan")
-        batch = {**batch, "images": images}
-    return batch
+    def after_step(self, rank: int, step: int) -> None:
+        """After optimizer step `step`, its logging and pictures done, before the checkpoint and SIGTERM checks."""
 
 
 class TrainingStopped(ReportedError, RuntimeError):
@@ -175,13 +157,10 @@ def _visual_dictionaries(module: torch.nn.Module) -> list:
 
 
 class Trainer:
-    """`step_context`, a factory of context managers, wraps every micro-step (forward, backward,
-    optimizer step): the tests count the operations a step issues through it."""
-
     def __init__(self, engine, task: Task, cfg: RunConfig, logger: RunLogger, dist_info: DistInfo,
-                 step_context: Callable[[], ContextManager] = contextlib.nullcontext):
+                 hooks: StepHooks | None = None):
         self.engine, self.task, self.cfg, self.logger, self.dist = engine, task, cfg, logger, dist_info
-        self.step_context = step_context
+        self.hooks = hooks or StepHooks()
         self.dtype = compute_dtype(engine)
         self.ckpt_dir = f"{cfg.train.output_dir}/checkpoints"
         self.eval_log = f"{cfg.train.output_dir}/eval.jsonl"
@@ -376,8 +355,9 @@ class Trainer:
                     flops, padding = self.flops(host_batch)
                     interval["flops"] += flops
                     interval["padding"] += padding
-                batch = poison_batch(to_device(host_batch, self.dist.device, self.dtype), self.dist.rank, step + 1)
-                with self.step_context():
+                batch = self.hooks.before_forward(to_device(host_batch, self.dist.device, self.dtype),
+                                                  self.dist.rank, step + 1)
+                with self.hooks.micro_step():
                     # the one place a training forward ends: its statistics kept or restored, before backward
                     out = engine.module.commit(engine(batch))
                     engine.backward(out["loss"])
@@ -416,7 +396,7 @@ class Trainer:
                     interval = dict(images=0, data_s=0.0, flops=0.0, padding=0.0, steps=0)
                 if t.image_log_every and step % t.image_log_every == 0 and hasattr(self.task, "log_pictures"):
                     self.task.log_pictures(engine.module, batch, step, self.logger)
-                inject_fault(self.dist.rank, step)
+                self.hooks.after_step(self.dist.rank, step)
                 if stop.agreed():
                     self.save(step)
                     self.logger.info("SIGTERM: checkpoint %s written at step %d on every rank; continue with --resume",

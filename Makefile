@@ -49,7 +49,7 @@ demo: $(DATA)/manifest.json $(BACKBONE)
 	    --config configs/finetune_retrieval_synthetic.yaml --init runs/demo_pretrain/checkpoints --restart
 	$(LAUNCH) launch/finetune_vqa.py --deepspeed_config ds_configs/zero2_cpu_demo.json \
 	    --config configs/finetune_vqa_synthetic.yaml --init runs/demo_pretrain/checkpoints --restart
-	$(PY) tools/retrieve.py --model runs/demo_retrieval/checkpoints --images $(DOWNSTREAM)/images --top 3 \
+	$(VENV)/bin/soho-retrieve --model runs/demo_retrieval/checkpoints --images $(DOWNSTREAM)/images --top 3 \
 	    "a large red circle"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
@@ -61,18 +61,18 @@ test-fast: $(STAMP)
 
 # Side-by-side benchmarks on whatever device is present; JSON + Markdown under benchmarks/.
 bench: $(STAMP)
-	$(PY) tools/bench_data.py
-	$(PY) tools/bench_vd.py
-	$(PY) tools/bench_train.py
-	$(PY) tools/bench_ddp.py
-	$(PY) tools/bench_inference.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_vd.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_ddp.py
+	$(PY) benchmarks/bench_inference.py
 	@# search over one's own images needs a trained model: the demo's
-	if [ -d runs/demo_retrieval/checkpoints ]; then $(PY) tools/bench_retrieval.py; \
+	if [ -d runs/demo_retrieval/checkpoints ]; then $(PY) benchmarks/bench_retrieval.py; \
 	else echo "bench_retrieval: skipped, run make demo first (it needs the demo's retrieval model)"; fi
 
 # The GPU acceptance run (at most 8 minutes on one CUDA machine); a tiny mode on a CPU.
 gpu-check: $(STAMP)
-	$(PY) tools/gpu_check.py
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs $(DATA) $(DOWNSTREAM)

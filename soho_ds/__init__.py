@@ -5,7 +5,7 @@
 
 
 def load_model(path, device=None, batch_size: int = 16):
-    """A trained model (checkpoint folder, consolidated .pt or tools/export.py folder), without DeepSpeed."""
+    """A trained model (checkpoint folder, consolidated .pt or soho-export folder), without DeepSpeed."""
     from soho_ds.inference import load_model as load
 
     return load(path, device, batch_size)

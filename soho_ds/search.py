@@ -1,4 +1,4 @@
-"""Text-to-image search over a folder of one's own images with a trained model (tools/retrieve.py).
+"""Text-to-image search over a folder of one's own images with a trained model (soho-retrieve).
 
 Each image's visual tokens are computed once and cached on disk, keyed by the file's size and
 mtime and by the model; a query is then scored against the cached tokens by the ITM head. For

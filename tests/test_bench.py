@@ -23,7 +23,7 @@ def run_tool(args, tmp_path):
 
 
 def test_bench_vd_reports_each_dictionary_size(tmp_path):
-    out = run_tool(["tools/bench_vd.py", "--sizes", "64,128", "--backbone", "resnet18", "--layers", "1",
+    out = run_tool(["benchmarks/bench_vd.py", "--sizes", "64,128", "--backbone", "resnet18", "--layers", "1",
                     "--image-size", "64", "--batch", "2", "--iters", "1"], tmp_path)
     report = json.loads((tmp_path / "bench_vd.json").read_text())
     assert [r["K"] for r in report["rows"]] == [64, 128]
@@ -33,7 +33,7 @@ def test_bench_vd_reports_each_dictionary_size(tmp_path):
 
 
 def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_path, synthetic_data):
-    run_tool(["tools/bench_data.py", "--shards", str(synthetic_data / "train"), "--image-size", "32", "--batch", "8",
+    run_tool(["benchmarks/bench_data.py", "--shards", str(synthetic_data / "train"), "--image-size", "32", "--batch", "8",
               "--batches", "2", "--threads", "1"], tmp_path)
     rows = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
     assert [r["loader"].split()[0] for r in rows] == ["DALI", "PIL"]
@@ -45,10 +45,10 @@ def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_pat
 def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
     """The GPU acceptance run on a CPU (tiny sizes): pretraining through `deepspeed launch/pretrain.py`
     under each shipped DeepSpeed JSON, the overlap_comm comparison, VQA and NLVR2 finetunes from that
-    checkpoint through their drivers, load_model and tools/retrieve.py, then the benchmarks; every
+    checkpoint through their drivers, load_model and soho-retrieve, then the benchmarks; every
     figure of a run is the run's own log."""
     keep = tmp_path / "work"
-    out = run_tool(["tools/gpu_check.py", "--tiny", "--keep", str(keep)], tmp_path)
+    out = run_tool(["benchmarks/gpu_check.py", "--tiny", "--keep", str(keep)], tmp_path)
     assert "GPU acceptance run (tiny mode)" in out
     rows = {r["check"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     runs = ["pretrain fp16 (zero2.json)", "pretrain bf16 (zero2_bf16.json)", "pretrain fp16, overlap_comm on"]
@@ -68,7 +68,7 @@ def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
         assert row["result"] == "ok", row
         console = (keep / f"finetune_{task}.log").read_text()
         assert f"initialised from {keep}/pretrain0/checkpoints" in console
-    assert rows["load_model + itm on cpu"]["result"] == "ok" and rows["tools/retrieve.py on cpu"]["result"] == "ok"
+    assert rows["load_model + itm on cpu"]["result"] == "ok" and rows["soho-retrieve on cpu"]["result"] == "ok"
     assert [rows[b]["result"] for b in ("bench_data", "bench_train", "bench_inference")] == ["ok", "ok", "ok"]
     data = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
     assert data[-1]["loader"].startswith("DALI aspect 64/96, CPU decode") and data[-1]["images/s"] > 0
@@ -98,7 +98,7 @@ def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ddp_runs_ddp_and_zero2_on_two_ranks(tmp_path):
-    run_tool(["tools/bench_ddp.py", "--variants", "ddp,zero2_cpu_tuned", "--iters", "1", "--image-size", "64",
+    run_tool(["benchmarks/bench_ddp.py", "--variants", "ddp,zero2_cpu_tuned", "--iters", "1", "--image-size", "64",
               "--layers", "1", "--backbone", "resnet18", "--batch", "2"], tmp_path)
     rows = json.loads((tmp_path / "bench_ddp.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["ddp", "zero2_cpu_tuned"] and all(r["ranks"] == 2 for r in rows)
@@ -110,7 +110,7 @@ def test_bench_ddp_runs_ddp_and_zero2_on_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_bench_retrieval_times_search_and_measures_the_first_stage_recall(tmp_path, grounded, grounded_retrieval):
-    run_tool(["tools/bench_retrieval.py", "--model", str(grounded_retrieval["checkpoint"]), "--downstream",
+    run_tool(["benchmarks/bench_retrieval.py", "--model", str(grounded_retrieval["checkpoint"]), "--downstream",
               str(grounded["downstream"]), "--num-images", "8", "--queries", "2", "--first-stage", "4",
               "--recall-first-stage", "5,20"], tmp_path)
     timing = json.loads((tmp_path / "bench_retrieval.json").read_text())["rows"]

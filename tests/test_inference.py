@@ -3,6 +3,7 @@ each reproduces what the finetune drivers measured, without DeepSpeed."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import torch
 from PIL import Image
 
 import soho_ds
-from conftest import ROOT
 from launching import ENV, TINY_MODEL, finetune_in_process
 
 
@@ -77,7 +77,7 @@ def test_vqa_answers_reproduce_the_drivers_accuracy_and_survive_export(grounded,
     assert accuracy == pytest.approx(grounded_vqa["metrics"]["vqa_accuracy"], abs=1e-6)
 
     # export: a self-contained folder with the same answers
-    subprocess.run([sys.executable, str(ROOT / "tools/export.py"), str(grounded_vqa["checkpoint"]),
+    subprocess.run([str(Path(sys.executable).parent / "soho-export"), str(grounded_vqa["checkpoint"]),
                     str(tmp_path / "exported")], check=True, env=ENV, capture_output=True)
     files = {p.name for p in (tmp_path / "exported").iterdir()}
     assert {"run_config.yaml", "model.safetensors", "answer_vocab.json", "tokenizer", "README.md"} <= files
@@ -90,12 +90,12 @@ def test_vqa_answers_reproduce_the_drivers_accuracy_and_survive_export(grounded,
     assert oct((tmp_path / "exported/model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
     exported = soho_ds.load_model(tmp_path / "exported", device="cpu")
     assert same_answers(exported.answer(images[:16], [q.question for q in questions[:16]], top_k=3), answers[:16])
-    again = subprocess.run([sys.executable, str(ROOT / "tools/export.py"), str(grounded_vqa["checkpoint"]),
+    again = subprocess.run([str(Path(sys.executable).parent / "soho-export"), str(grounded_vqa["checkpoint"]),
                             str(tmp_path / "exported")], env=ENV, capture_output=True, text=True)
     assert again.returncode != 0 and "exists and is not empty" in again.stderr  # never overwritten unasked
 
     # a consolidated file carries its run config and vocabulary beside it
-    subprocess.run([sys.executable, str(ROOT / "tools/consolidate_checkpoint.py"), str(grounded_vqa["checkpoint"]),
+    subprocess.run([str(Path(sys.executable).parent / "soho-consolidate"), str(grounded_vqa["checkpoint"]),
                     str(tmp_path / "vqa.pt")], check=True, env=ENV, capture_output=True)
     assert (tmp_path / "vqa.yaml").is_file() and (tmp_path / "vqa.answer_vocab.json").is_file()
     consolidated = soho_ds.load_model(tmp_path / "vqa.pt", device="cpu")
@@ -140,7 +140,7 @@ def test_retrieve_tool_ranks_ones_own_images_and_caches_their_tokens(grounded, g
     folder.mkdir()
     for p in images:
         (folder / p.rsplit("/", 1)[1]).write_bytes(open(p, "rb").read())
-    cmd = [sys.executable, str(ROOT / "tools/retrieve.py"), "--model", str(grounded_retrieval["checkpoint"]),
+    cmd = [str(Path(sys.executable).parent / "soho-retrieve"), "--model", str(grounded_retrieval["checkpoint"]),
            "--images", str(folder), "--top", "3", texts[0], texts[7]]
     first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]

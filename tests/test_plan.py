@@ -78,7 +78,7 @@ def test_plan_tool_reads_a_benchmark_report_and_refuses_what_it_cannot_use(recor
     assert "| 1 | 8 | 900 | 300.00 | 0.1 | 0 | 120 |" in out.stdout  # 40 epochs of 24 at batch 8: 120 steps
     assert "| 4 | 32 | 900 | 1200.00 | 0.1 | 0 | 30 |" in out.stdout
     assert "ViLT-B/32 (4M images): 64 V100" in out.stdout
-    with pytest.raises(PlanError, match=r"not indexed, so their size is unknown; run python tools/index_shards\.py"):
+    with pytest.raises(PlanError, match=r"not indexed, so their size is unknown; run soho-index-shards"):
         (tmp_path / "raw").mkdir()
         (tmp_path / "raw/000000.tar").write_bytes((recorded / "train/000000.tar").read_bytes())
         dataset_images(f"{tmp_path}/raw")

@@ -214,7 +214,7 @@ def test_an_error_in_a_later_shard_names_that_shard_and_the_key(tmp_path):
     write_tar(data / "000001.tar", {"b0": good("b0"), "b1": {**good("b1"), "json": b'{"captions": []}'}})
     loader = ShardLoader(str(data), 3, SPEC, train=False, num_threads=1)  # not indexed: nothing was checked
     with pytest.raises(ShardError, match=r"000001\.tar:\d+:b1: JSON member has no non-empty 'captions'.*Fix: "
-                                         r"python tools/index_shards\.py .* leaves such ones out, then restart with "
+                                         r"soho-index-shards .* leaves such ones out, then restart with "
                                          r"--resume"):
         list(loader.epochs())
 
@@ -320,8 +320,8 @@ def test_a_decode_failure_at_run_time_names_shard_and_key_and_reindex_then_resum
     write_tar(data / "000001.tar", {"b00": {**good("b00"), "jpg": bytes(garbled)},
                                     **{f"b{i:02d}": good(f"b{i:02d}") for i in range(1, 8)}})
     sets = ["train.save_every=2", "data.shuffle_buffer=1", "data.group_by_orientation=false"]
-    with pytest.raises(SampleDecodeError, match=r"(?s)000001\.tar:b00 \(does not decode.*Fix: python "
-                                                r"tools/index_shards\.py .*--resume"):
+    with pytest.raises(SampleDecodeError, match=r"(?s)000001\.tar:b00 \(does not decode.*Fix: "
+                                                r"soho-index-shards .*--resume"):
         pretrain(tmp_path, data, 12, sets)
     # the run stopped at the step whose batch held b00 (where DALI met it depends on its read-ahead): the last
     # checkpoint is the last even step it completed

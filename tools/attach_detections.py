@@ -1,8 +1,8 @@
 """Attach offline detector outputs (boxes, object and attribute ids, region features) to shards.
 
-    python tools/attach_detections.py --shards data/coco_vg/train --out data/coco_vg_det/train \
+    soho-attach-detections --shards data/coco_vg/train --out data/coco_vg_det/train \
         --detections trainval_resnet101_faster_rcnn_genome_36.tsv      # BUTD / LXMERT TSV
-    python tools/attach_detections.py --shards ... --out ... --detections features_npz/  # <image_id>.npz
+    soho-attach-detections --shards ... --out ... --detections features_npz/  # <image_id>.npz
 
 Samples are matched by their JSON "image_id" (else their key). Formats: soho_ds/data/detections.py.
 """

@@ -1,6 +1,6 @@
 """Consolidate a DeepSpeed ZeRO checkpoint into one plain fp32 state dict (no DeepSpeed needed to load it).
 
-    python tools/consolidate_checkpoint.py runs/demo_pretrain/checkpoints out.pt [--tag step_00000150]
+    soho-consolidate runs/demo_pretrain/checkpoints out.pt [--tag step_00000150]
 
 Writes out.pt and, beside it, out.yaml: the run config (the model it belongs to; and a VQA model's
 out.answer_vocab.json), so that `--init out.pt` and `soho_ds.load_model("out.pt")` rebuild the

@@ -1,14 +1,14 @@
 """Convert a dataset on disk into pretraining shards (WebDataset tars of key.jpg + key.json, checked and
 indexed, with a manifest): one command per source.
 
-    python tools/convert.py coco --captions captions_train2014.json captions_val2014.json --images /data/coco \\
+    soho-convert coco --captions captions_train2014.json captions_val2014.json --images /data/coco \\
         --exclude-karpathy dataset_coco.json --out shards/coco
-    python tools/convert.py vg --regions region_descriptions.json --image-data image_data.json \\
+    soho-convert vg --regions region_descriptions.json --image-data image_data.json \\
         --images /data/vg --exclude-karpathy dataset_coco.json --max-captions 10 --out shards/vg
-    python tools/convert.py tsv --tsv cc3m_downloaded.tsv --images /data/cc3m --out shards/cc3m     # caption<TAB>path
-    python tools/convert.py img2dataset --folder /data/cc12m_img2dataset --out shards/cc12m
-    python tools/convert.py sbu --json sbu-captions-all.json --images /data/sbu --out shards/sbu
-    python tools/convert.py karpathy --split-json dataset_flickr30k.json --images /data/flickr30k --splits train \\
+    soho-convert tsv --tsv cc3m_downloaded.tsv --images /data/cc3m --out shards/cc3m     # caption<TAB>path
+    soho-convert img2dataset --folder /data/cc12m_img2dataset --out shards/cc12m
+    soho-convert sbu --json sbu-captions-all.json --images /data/sbu --out shards/sbu
+    soho-convert karpathy --split-json dataset_flickr30k.json --images /data/flickr30k --splits train \\
         --out shards/flickr30k
 
 Common options: --workers (parallel processes), --samples-per-shard, --max-side (re-encode larger

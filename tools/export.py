@@ -1,6 +1,6 @@
 """Export a trained model to a self-contained folder that `soho_ds.load_model` reads and that can be shared.
 
-    python tools/export.py runs/vqa/checkpoints exported/soho-vqa [--overwrite]
+    soho-export runs/vqa/checkpoints exported/soho-vqa [--overwrite]
 
 The folder holds run_config.yaml (the model), model.safetensors (every weight, the task head
 included; ZeRO shards consolidated with DeepSpeed's own zero_to_fp32), the tokenizer files and,

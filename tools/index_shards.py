@@ -1,7 +1,7 @@
 """Check WebDataset shards and write their DALI indexes: run once before training, and again
 after any shard changes.
 
-    python tools/index_shards.py /path/to/shards [more folders or globs] [--workers 2] [--report out.json]
+    soho-index-shards /path/to/shards [more folders or globs] [--workers 2] [--report out.json]
 
 Every image is decoded with the DALI decoder training uses (any format DALI decodes, whatever the
 member's extension); every JSON must hold non-empty captions. Samples that fail are left out of

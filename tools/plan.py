@@ -1,9 +1,9 @@
 """Plan a pretraining run: steps, epochs, wall-clock and GPU-hours on N GPUs, beside published budgets.
 
-    python tools/plan.py --config configs/pretrain_coco_vg.yaml --deepspeed_config ds_configs/zero2.json \\
+    soho-plan --config configs/pretrain_coco_vg.yaml --deepspeed_config ds_configs/zero2.json \\
         --from runs/soho/train.jsonl --measured-on 8 --gpus 8 16 64
-    python tools/plan.py ... --from benchmarks/bench_train.json --gpus 8     # a benchmark report
-    python tools/plan.py ... --images-per-s 120 --gpus 8                     # per GPU, measured elsewhere
+    soho-plan ... --from benchmarks/bench_train.json --gpus 8     # a benchmark report
+    soho-plan ... --images-per-s 120 --gpus 8                     # per GPU, measured elsewhere
 
 The dataset's size comes from the indexes of data.train_shards; the throughput from a run's
 train.jsonl (images/s of all its GPUs: say how many with --measured-on), a benchmark report, or a

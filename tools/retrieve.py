@@ -1,7 +1,7 @@
 """Search your own images with a trained model: the top images for a text query, with scores.
 
-    python tools/retrieve.py --model runs/demo_retrieval/checkpoints --images ~/photos "a dog on a beach"
-    python tools/retrieve.py --model exported/soho --images ~/photos --first-stage 100 "query one" "query two"
+    soho-retrieve --model runs/demo_retrieval/checkpoints --images ~/photos "a dog on a beach"
+    soho-retrieve --model exported/soho --images ~/photos --first-stage 100 "query one" "query two"
 
 Visual tokens are computed once per image and cached (default: IMAGES/.soho_ds_cache/), so later
 queries only run the fusion transformer. --first-stage K ranks every image by the ITC vectors first

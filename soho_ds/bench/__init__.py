@@ -1,2 +1,2 @@
-"""Benchmarks (`make bench`, tools/bench_*.py): each compares two ways of doing the same work,
-side by side in one process, and writes JSON + Markdown under benchmarks/."""
+"""Compute planning (soho-plan): a measured throughput turned into steps, epochs and GPU-hours.
+The benchmarks themselves live in benchmarks/ with their results."""

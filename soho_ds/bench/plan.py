@@ -1,4 +1,4 @@
-"""Compute planning (tools/plan.py): a recipe's steps and global batch, the dataset's size from its
+"""Compute planning (soho-plan): a recipe's steps and global batch, the dataset's size from its
 shard indexes and a measured throughput give epochs, wall-clock and GPU-hours on N GPUs."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def dataset_images(shards) -> int:
     n = indexed_sample_count(list_shards(shards))
     if n is None:
         raise PlanError(f"data.train_shards {shards}: not indexed, so their size is unknown; run "
-                        "python tools/index_shards.py on them first")
+                        "soho-index-shards on them first")
     return n
 
 

@@ -487,7 +487,7 @@ def _require_members(index_paths: list[str], exts: list[str]) -> None:
             if missing:
                 key = fields[3].split(".", 1)[0]
                 raise ValueError(f"{idx[:-4]}.tar: sample {key} has no {', '.join(missing)} member; the semantic "
-                                 "losses need detector outputs (tools/attach_detections.py adds them)")
+                                 "losses need detector outputs (soho-attach-detections adds them)")
 
 
 def _read(item) -> tuple[str, np.ndarray]:

@@ -88,7 +88,7 @@ class RegionTargets:
             where = sources[i] if sources else f"sample {meta.get('key', i)}"
             det = meta.get("detections")
             if det is None:
-                raise ValueError(f"{where}: no 'detections' in its JSON (tools/attach_detections.py adds them)")
+                raise ValueError(f"{where}: no 'detections' in its JSON (soho-attach-detections adds them)")
             n_boxes = len(det["object_ids"])
             picked = [int(j) for j in kept[i] if j >= 0][:max_boxes]
             h, w = (float(v) for v in image_sizes[i])

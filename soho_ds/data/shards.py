@@ -469,7 +469,7 @@ def refuse_filled_prefix(url: str) -> None:
 
 def fix_command(paths: list[str]) -> str:
     folders = sorted({storage.parent(p) for p in paths})
-    return "python tools/index_shards.py " + " ".join(folders)
+    return "soho-index-shards " + " ".join(folders)
 
 
 def trusted_index_paths(paths: list[str]) -> list[str] | None:

@@ -41,7 +41,7 @@ def read_json(path: str | Path):
 
 def download_hint(what: str, example_url: str, command: str) -> SourceError:
     return SourceError(f"{what} names images by URL ({example_url}): download them first, e.g. with img2dataset:\n"
-                       f"  {command}\nthen convert its output: python tools/convert.py img2dataset --folder <its "
+                       f"  {command}\nthen convert its output: soho-convert img2dataset --folder <its "
                        "--output_folder> --out <shards>")
 
 

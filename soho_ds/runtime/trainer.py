@@ -380,7 +380,7 @@ class Trainer:
                             f"{in_a_row} steps in a row had non-finite loss or gradients (train.max_skipped_steps = "
                             f"{t.max_skipped_steps}); stopping at step {step}. The last good checkpoint is "
                             f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}: check the data "
-                            "(tools/index_shards.py) or lower train.lr, then --resume")
+                            "(soho-index-shards) or lower train.lr, then --resume")
                 else:
                     in_a_row = 0
                 for k, v in pending.items():

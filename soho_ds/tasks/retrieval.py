@@ -10,7 +10,7 @@ are computed once and reused for all captions; captions are scored in chunks of
 by position (a lower index first), so the same scores always give the same recall. The cost
 grows with images x captions (COCO 1k: 5M fused pairs; 5k: 25 times that), which is why large
 sets rank by the ITC first stage and rerank only the best with ITM (pretraining's retrieval,
-tools/retrieve.py); measured rates are in benchmarks/ and docs/performance.md.
+soho-retrieve); measured rates are in benchmarks/ and docs/performance.md.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def sample_hard(scores: torch.Tensor) -> torch.Tensor:
 
 class RetrievalModel(FinetuneModel):
     """ITM scoring of (image, caption) pairs; with pretrain.itc_weight > 0 also the ITC projections,
-    trained alongside, which give a cheap first stage for large image sets (tools/retrieve.py)."""
+    trained alongside, which give a cheap first stage for large image sets (soho-retrieve)."""
     reused_heads = ("itm_head",)
 
     def __init__(self, cfg: RunConfig):

@@ -1,7 +1,7 @@
 """Visual Dictionary cost: nearest-entry lookup + EMA update vs the whole SOHO training step.
 
-    python tools/bench_vd.py                       # ResNet-50, 12-layer BERT-base, 224 px, batch 4
-    python tools/bench_vd.py --image-size 384 --batch 16 --backbone resnet101   # on a GPU
+    python benchmarks/bench_vd.py                       # ResNet-50, 12-layer BERT-base, 224 px, batch 4
+    python benchmarks/bench_vd.py --image-size 384 --batch 16 --backbone resnet101   # on a GPU
 
 For each K in --sizes the full model (plain PyTorch loop: forward, backward, AdamW step; AMP
 on a GPU) and the VD alone (train mode, features of the grid's shape) are timed in the same
@@ -11,8 +11,7 @@ import argparse
 
 import torch
 
-from soho_ds.bench.report import time_per_call, write_report
-from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+from harness import pretraining_batch, time_per_call, write_report
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.config import ModelConfig, PretrainConfig
 
@@ -29,10 +28,7 @@ def main() -> None:
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    captions = [["a small red circle above a large blue square", "two shapes on a white background"]] * a.batch
-    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=0)(captions)
-    batch = {k: v.to(device) for k, v in text.items()}
-    batch["images"] = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
+    batch = pretraining_batch(a.batch, a.image_size, device)
     rows = []
     for k in (int(s) for s in a.sizes.split(",")):
         cfg = ModelConfig(backbone=a.backbone, num_layers=a.layers, vd_size=k, pool_last=False)

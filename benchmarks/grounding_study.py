@@ -1,8 +1,8 @@
 """One grounding experiment: the demo's synthetic world, its stand-in CNN and its pretraining with any
 config overrides, in this process (one rank); prints held-out ITM at each evaluation.
 
-    python tools/grounding_study.py --tag base                                  # configs/pretrain_synthetic.yaml
-    python tools/grounding_study.py --tag three_layers --set model.num_layers=3 --set model.pooling=cls
+    python benchmarks/grounding_study.py --tag base                                  # configs/pretrain_synthetic.yaml
+    python benchmarks/grounding_study.py --tag three_layers --set model.num_layers=3 --set model.pooling=cls
 
 The figures of docs/grounding.md come from this tool. Data and stand-in CNN are made once per --root.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT
+
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Inference: end-to-end SOHO image-text scoring vs two region-feature pipelines with the same transformer.
 
-    python tools/bench_inference.py                  # CPU: throughput batch 2 (bigger takes minutes here)
-    python tools/bench_inference.py --throughput-batch 64                      # on a GPU
+    python benchmarks/bench_inference.py                  # CPU: throughput batch 2 (bigger takes minutes here)
+    python benchmarks/bench_inference.py --throughput-batch 64                      # on a GPU
 
 All three score (image, caption) pairs with the same 12-layer BERT-base fusion and ITM head on the
 same 600x1000 images (random weights: timing only):
@@ -27,7 +27,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import MultiScaleRoIAlign, batched_nms
 
-from soho_ds.bench.report import time_per_call, write_report
+from harness import time_per_call, write_report
 from soho_ds.config import ModelConfig
 from soho_ds.data.text import load_tokenizer
 from soho_ds.models.fusion import CrossModalEncoder

@@ -1,7 +1,7 @@
 """How much of a batch is padding with SOHO's input, and what padding does to a model's scores.
 
-    python tools/padding_report.py                                   # padded fraction (real COCO shapes)
-    python tools/padding_report.py --model runs/demo_retrieval/checkpoints --images data/synthetic_downstream/images
+    python benchmarks/padding_report.py                                   # padded fraction (real COCO shapes)
+    python benchmarks/padding_report.py --model runs/demo_retrieval/checkpoints --images data/synthetic_downstream/images
 
 Padded fraction: the real COCO photos of ../shared/realdata give the shapes (landscape 640x480,
 640x512, 640x428), their transposes the portraits, mixed as COCO is (--portrait share, default
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from soho_ds.bench.report import write_report
+from harness import write_report
 from soho_ds.data.convert import write_shards
 from soho_ds.data.pipeline import ImageSpec, ShardLoader
 from soho_ds.data.sources import Record

@@ -1,7 +1,7 @@
 """Soak benchmark: a tiny model for thousands of steps on 2 ranks, through a preemption and a shard that
 goes bad mid-run; resident memory and step time at the start and the end of each phase (no leak, no drift).
 
-    python tools/soak.py --steps 3000          # about 10 minutes on 2 CPU cores
+    python benchmarks/soak.py --steps 3000          # about 10 minutes on 2 CPU cores
 
 Phase 1 trains to half the steps, where the launcher gets SIGTERM (a cluster's preemption): every
 rank checkpoints at the next step and exits. Then one shard in the middle of the set is corrupted
@@ -20,14 +20,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from soho_ds.bench.report import write_report
+from harness import ROOT, TINY_DATA, TINY_MODEL, write_report
 from soho_ds.data.shards import index_shards
 from soho_ds.synthetic.shards import make_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
-        "model.intermediate_size=128", "model.vd_size=32", "model.bert_dir=null", "model.backbone_weights=null",
-        "data.shorter_side=64", "data.longer_side=96", "data.captions_per_image=2", "data.max_text_len=20",
+TINY = TINY_MODEL + TINY_DATA + [
         "train.lr=1e-3", "train.warmup_steps=10", "train.lr_decay=constant", "train.eval_every=0",
         "train.image_log_every=0", "pretrain.itc_weight=0"]
 

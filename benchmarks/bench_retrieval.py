@@ -1,7 +1,7 @@
-"""Search over one's own images (tools/retrieve.py): time per query over N images with the ITM head
+"""Search over one's own images (soho-retrieve): time per query over N images with the ITM head
 alone and with an ITC first stage, and the recall the first stage loses on the synthetic retrieval set.
 
-    make demo && python tools/bench_retrieval.py            # the demo's retrieval model, 1,000 images
+    make demo && python benchmarks/bench_retrieval.py            # the demo's retrieval model, 1,000 images
 
 Timing: N synthetic scenes are rendered into a folder, their visual tokens cached (once, timed
 apart), then each query is ranked over all N by the ITM head, or by ITC first and the ITM head on
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import soho_ds
-from soho_ds.bench.report import write_report
+from harness import write_report
 from soho_ds.search import ImageIndex
 from soho_ds.synthetic.downstream import write_images
 from soho_ds.tasks.retrieval import read_karpathy, recall_at_k

@@ -1,6 +1,6 @@
 """Data loading: the DALI pipeline vs PIL + torch DataLoader doing the same work on the same cores.
 
-    python tools/bench_data.py                        # 2 threads / 2 workers, 224 px, batch 32
+    python benchmarks/bench_data.py                        # 2 threads / 2 workers, 224 px, batch 32
 
 Both sides read the same WebDataset shards (synthetic photos-sized JPEGs written here unless
 --shards is given), decode, random-resized-crop (area 0.5-1, aspect 3/4-4/3), flip, resize to
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from soho_ds.bench.report import write_report
+from harness import write_report
 from soho_ds.data.pipeline import MEAN, STD, ImageSpec, ShardLoader
 from soho_ds.data.shards import list_shards
 from soho_ds.synthetic.shards import make_dataset

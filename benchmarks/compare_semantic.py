@@ -1,7 +1,7 @@
 """Does the semantic visual loss make pretraining converge faster? Both arms from the same stand-ins (the
 concept-trained CNN, which reads colours but not shapes, and MiniLM), several seeds each.
 
-    python tools/compare_semantic.py --seeds 1,2,3 --steps 200       # about 35 minutes on 2 CPU cores
+    python benchmarks/compare_semantic.py --seeds 1,2,3 --steps 200       # about 35 minutes on 2 CPU cores
 
 Arm "soho": configs/pretrain_synthetic.yaml as shipped (MLM + MVM + ITM + ITC). Arm "soho+semantic":
 the same plus the three semantic losses on the synthetic detections (the shape is the object class,
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT
+
 SEMANTIC = ["semantic.object_weight=1.0", "semantic.attribute_weight=1.0", "semantic.feature_weight=1.0",
             "semantic.num_objects=4", "semantic.num_attributes=8", "semantic.feature_dim=64", "semantic.max_boxes=8"]
 ARMS = {"soho": [], "soho+semantic": SEMANTIC}

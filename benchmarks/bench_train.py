@@ -1,7 +1,7 @@
 """Training step: the DeepSpeed ZeRO-2 engine vs a plain PyTorch AMP loop, same model, batch, device.
 
-    python tools/bench_train.py                                   # CPU: ResNet-50, 12 layers, 224 px, batch 4
-    python tools/bench_train.py --backbone resnet101 --image-size 384 --batch 64   # the H100 setting
+    python benchmarks/bench_train.py                                   # CPU: ResNet-50, 12 layers, 224 px, batch 4
+    python benchmarks/bench_train.py --backbone resnet101 --image-size 384 --batch 64   # the H100 setting
 
 Both sides train the full SOHO pretraining model (CNN + VD + 12-layer BERT + heads) on the
 same batch and in the same precision: the engine's is resolved first (--precision; auto = the
@@ -18,32 +18,17 @@ import argparse
 import copy
 import gc
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from soho_ds.bench.report import sync, time_per_call, write_report
-from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
+from harness import ROOT, peak_memory_gib, pretraining_batch, reset_peak_memory, sync, time_per_call, write_report
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.config import ModelConfig, PretrainConfig, TrainConfig
 from soho_ds.runtime.dist import init_distributed
 from soho_ds.runtime.engine import build_engine, compute_dtype, resolve_precision
 from soho_ds.runtime.perf import device_peak_flops
 
-ROOT = Path(__file__).resolve().parents[1]
-def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    return kib / 2**20
 
 
 def main() -> None:
@@ -65,10 +50,8 @@ def main() -> None:
     dist_info = init_distributed()
     device = dist_info.device
     torch.manual_seed(0)
-    captions = [["a small red circle above a large blue square", "two shapes on a white background"]] * a.batch
-    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=0)(captions)
-    batch = {k: v.to(device) for k, v in text.items()}
-    images = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
+    batch = pretraining_batch(a.batch, a.image_size, device)
+    images = batch.pop("images")
     cfg = ModelConfig(backbone=a.backbone, num_layers=a.layers, pool_last=False, dropout=0.0)
     base = SohoPretrainer(cfg, PretrainConfig())
     rows = []

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-2 against DistributedDataParallel, the loop users would otherwise write: the same model,
 batch and precision on the same ranks, launched the same way (the deepspeed launcher).
 
-    python tools/bench_ddp.py                      # 2 ranks, ResNet-50 + 12-layer BERT-base, 224 px, fp32
-    python tools/bench_ddp.py --variants ddp,zero2 --iters 3 --image-size 96 --layers 2 --backbone resnet18
+    python benchmarks/bench_ddp.py                      # 2 ranks, ResNet-50 + 12-layer BERT-base, 224 px, fp32
+    python benchmarks/bench_ddp.py --variants ddp,zero2 --iters 3 --image-size 96 --layers 2 --backbone resnet18
 
 Each variant runs in its own launch: DDP (torch.nn.parallel.DistributedDataParallel + torch's fused
 AdamW + norm clipping) and ZeRO-2 with the settings in VARIANTS (bucket sizes, overlap_comm,
@@ -12,7 +12,6 @@ resident memory (reset after the warm-up step). Writes benchmarks/bench_ddp.{jso
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, peak_memory_gib, pretraining_batch
 BASE = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
         "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
 VARIANTS = {
@@ -39,26 +38,18 @@ VARIANTS = {
 }
 
 
-def peak_rss_gib() -> float:
-    kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    return kib / 2**20
-
 
 def worker(a) -> None:
     import torch.distributed as dist
 
     from soho_ds.config import ModelConfig, PretrainConfig, TrainConfig
-    from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
     from soho_ds.pretrain.model import SohoPretrainer
     from soho_ds.runtime.dist import init_distributed
     from soho_ds.runtime.engine import build_engine, build_optimizer
 
     info = init_distributed()
     torch.manual_seed(0)
-    captions = [["a small red circle above a large blue square", "two shapes on a white background"]] * a.batch
-    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=info.rank)(captions)
-    batch = {**text, "images": torch.randn(a.batch, 3, a.image_size, a.image_size,
-                                           generator=torch.Generator().manual_seed(info.rank))}
+    batch = pretraining_batch(a.batch, a.image_size, "cpu", seed=info.rank)
     module = SohoPretrainer(ModelConfig(backbone=a.backbone, num_layers=a.layers, pool_last=False, dropout=0.0),
                             PretrainConfig())
     cfg = TrainConfig(lr=1e-5, warmup_steps=0, lr_decay="constant", max_steps=1000)
@@ -91,7 +82,7 @@ def worker(a) -> None:
     dist.barrier()
     seconds = time.perf_counter() - t0
     peaks = [None] * info.world_size
-    dist.all_gather_object(peaks, peak_rss_gib())
+    dist.all_gather_object(peaks, peak_memory_gib("cpu"))
     if info.rank == 0:
         print("RESULT " + json.dumps({"variant": a.variant, "images/s": a.batch * info.world_size * a.iters / seconds,
                                       "peak RSS GiB per rank": max(peaks), "ranks": info.world_size}), flush=True)
@@ -128,7 +119,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    from soho_ds.bench.report import write_report
+    from harness import write_report
 
     rows = []
     for variant in a.variants.split(","):

@@ -1,7 +1,7 @@
 """The GPU acceptance run: the production path a user takes, on one CUDA machine in about 8 minutes;
 on a CPU the same stages at tiny sizes (tests/test_bench.py runs them), so the script cannot rot.
 
-    make gpu-check                     # = python tools/gpu_check.py [--tiny] [--out benchmarks/gpu]
+    make gpu-check                     # = python benchmarks/gpu_check.py [--tiny] [--out benchmarks/gpu]
 
 1. Real-size JPEG shards (the synthetic world at 640x480 and 1000x750, landscape and portrait) and a
    downstream set (VQA, NLVR2, retrieval images) are written to a temporary folder.
@@ -12,9 +12,9 @@ on a CPU the same stages at tiny sizes (tests/test_bench.py runs them), so the s
    the share of step time spent waiting for data, the loss scale, the slowest rank's step time,
    skipped steps.
 3. `launch/finetune_vqa.py` and `launch/finetune_nlvr2.py` for a few steps from the fp16 checkpoint.
-4. `soho_ds.load_model` and `tools/retrieve.py` on the GPU, from the same checkpoint.
-5. The benchmarks: tools/bench_data.py (DALI mixed vs CPU decode on the aspect pipeline),
-   tools/bench_train.py (the engine vs plain AMP), tools/bench_inference.py (SOHO vs BUTD, batch 1
+4. `soho_ds.load_model` and `soho-retrieve` on the GPU, from the same checkpoint.
+5. The benchmarks: benchmarks/bench_data.py (DALI mixed vs CPU decode on the aspect pipeline),
+   benchmarks/bench_train.py (the engine vs plain AMP), benchmarks/bench_inference.py (SOHO vs BUTD, batch 1
    and 64).
 Writes gpu_check.{json,md} with one row per stage, and the benchmarks' own reports, to
 benchmarks/gpu/ (benchmarks/gpu_tiny/ in the tiny mode). The targets are in docs/gpu.md.
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT
+
 # DeepSpeed's op builder rejects Hopper's "9.0a"; torch reports it for H100/H200
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,7 +201,7 @@ def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, token
 
 
 def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]:
-    """Step 4: load_model and tools/retrieve.py on this machine's device."""
+    """Step 4: load_model and soho-retrieve on this machine's device."""
     import soho_ds
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,10 +216,11 @@ def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]
     except Exception as e:  # the report says which stage fails and how
         rows.append({"check": f"load_model on {device}", "result": "failed",
                      "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-    ok, seconds, last = run([sys.executable, "tools/retrieve.py", "--model", str(checkpoint), "--images",
-                             str(downstream / "images"), "--cache", str(work / "search_cache.pt"), "--top", "3",
-                             "--device", device, "a large red circle"], work / "retrieve.log")
-    rows.append({"check": f"tools/retrieve.py on {device}", "result": "ok" if ok else "failed",
+    retrieve = str(Path(sys.executable).parent / "soho-retrieve")
+    ok, seconds, last = run([retrieve, "--model", str(checkpoint), "--images", str(downstream / "images"), "--cache",
+                             str(work / "search_cache.pt"), "--top", "3", "--device", device, "a large red circle"],
+                            work / "retrieve.log")
+    rows.append({"check": f"soho-retrieve on {device}", "result": "ok" if ok else "failed",
                  "detail": f"{seconds:.0f} s; {last}"})
     return rows
 
@@ -227,12 +229,12 @@ def bench_rows(shards: Path, out: Path, work: Path, b: dict) -> list[dict]:
     """Step 5: the benchmarks, each writing its own report beside this one."""
     small = ["--backbone", b["backbone"], "--layers", str(b["layers"])]
     commands = {
-        "bench_data": ["tools/bench_data.py", "--shards", str(shards), "--image-size", str(b["square"]),
+        "bench_data": ["benchmarks/bench_data.py", "--shards", str(shards), "--image-size", str(b["square"]),
                        "--batch", str(b["batch"]), "--batches", str(2 * b["iters"] + 1), "--aspect", b["aspect"],
                        "--threads", "8" if torch.cuda.is_available() else "1"],
-        "bench_train": ["tools/bench_train.py", *small, "--image-size", str(b["square"]), "--batch", str(b["batch"]),
+        "bench_train": ["benchmarks/bench_train.py", *small, "--image-size", str(b["square"]), "--batch", str(b["batch"]),
                         "--iters", str(b["iters"]), "--options", b["train_options"]],
-        "bench_inference": ["tools/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
+        "bench_inference": ["benchmarks/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
                                                                    b["backbone"] == "resnet18" else []),
                             "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))]}
     rows = []
@@ -253,7 +255,7 @@ def main() -> None:
     out = Path(a.out or ROOT / "benchmarks" / ("gpu_tiny" if tiny else "gpu")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     s = sizes(tiny)
-    from soho_ds.bench.report import write_report
+    from harness import write_report
     from soho_ds.synthetic.downstream import make_downstream
     from soho_ds.synthetic.shards import make_dataset
 

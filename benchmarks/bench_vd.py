@@ -50,6 +50,7 @@ def main() -> None:
         def vd_step():
             with torch.no_grad():
                 vd(features)
+                vd.commit()
 
         step_s = time_per_call(train_step, a.iters, warmup=1)
         vd_s = time_per_call(vd_step, max(10, a.iters), warmup=2)

@@ -53,7 +53,10 @@ def test_coco_captions_with_the_karpathy_test_images_left_out(tmp_path):
     # 25 images in the excerpt: 262148 written; 32907 excluded (Karpathy test); the other 23 have no photo here
     assert (c["records"], c["samples_written"], c["samples_indexed"]) == (25, 1, 1)
     assert c["left_out"] == {"excluded split": 1, "image file missing": 23}, c
-    assert all(len(s["sha256"]) == 64 for s in manifest["shards"] if not s.get("empty"))
+    import hashlib  # each shard's recorded digest is that of the tar on disk
+
+    assert all(s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest()
+               for s in manifest["shards"] if not s.get("empty"))
     got = samples(out)
     captions = json.loads((REALDATA / "coco/captions_val2014_excerpt.json").read_text())["annotations"]
     assert got == {"coco_262148": [a["caption"].strip() for a in captions if a["image_id"] == 262148]}
@@ -207,6 +210,26 @@ def test_json_list_reader_streams_without_reading_the_whole_file(tmp_path):
     (tmp_path / "big.json").write_text(json.dumps(data))
     assert list(sources.iter_json_list(tmp_path / "big.json", chunk=100)) == data
     (tmp_path / "cut.json").write_text(json.dumps(data)[:-40])
+    # a streaming reader hands out the records it has read before it meets the broken tail (a whole-file
+    # json.load would give none), and reads no more than it needs for the first ones
+    reader = sources.iter_json_list(tmp_path / "cut.json", chunk=100)
+    assert [next(reader) for _ in range(3)] == data[:3]
+    opened = []
+    real_open = open
+
+    def counting_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        real_read = f.read
+        f.read = lambda n=-1: opened.append(n) or real_read(n)
+        return f
+
+    import builtins
+    builtins.open, was = counting_open, builtins.open
+    try:
+        first = next(sources.iter_json_list(tmp_path / "big.json", chunk=100))
+    finally:
+        builtins.open = was
+    assert first == data[0] and opened and all(0 < n <= 100 for n in opened) and sum(opened) < 1000, opened
     with pytest.raises(ValueError, match="truncated JSON|not closed"):
-        list(sources.iter_json_list(tmp_path / "cut.json", chunk=100))
+        list(reader)
 

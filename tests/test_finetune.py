@@ -15,25 +15,29 @@ def run_finetune(task, config, downstream, tmp_path, steps, extra=()):
 
 
 @pytest.mark.slow
-def test_vqa_finetune_beats_the_most_frequent_answer_and_its_vocabulary_travels(downstream, tmp_path, world_of_one):
+def test_vqa_finetune_beats_the_most_frequent_answer_and_its_vocabulary_travels(grounded, grounded_vqa, tmp_path,
+                                                                               world_of_one):
+    """The VQA driver's run from the grounded pretraining (conftest; test_grounding.py holds it to the
+    stronger text-only prior): the full split scored, results in the server's format, and its checkpoint
+    answering test-dev from the questions alone with its own vocabulary."""
     from soho_ds.tasks.vqa import read_vqa, vqa_accuracy
 
-    metrics = run_finetune("vqa", "finetune_vqa_synthetic.yaml", downstream, tmp_path, steps=120)
+    downstream, metrics = grounded["downstream"], grounded_vqa["metrics"]
     train = read_vqa(downstream / "vqa/questions_train.json", downstream / "vqa/annotations_train.json")
     val = read_vqa(downstream / "vqa/questions_val.json", downstream / "vqa/annotations_val.json")
     most_common = max({a for q in train for a in q.answers}, key=lambda a: sum(a in q.answers for q in train))
     chance = 100 * sum(vqa_accuracy(most_common, list(q.answers)) for q in val) / len(val)
     assert metrics["num_questions"] == len(val)  # the full split, not a sample
     assert metrics["vqa_accuracy"] > chance + 10, (metrics, chance)
-    results = json.loads((tmp_path / "vqa" / "run" / "vqa_results.json").read_text())
+    results = json.loads((grounded_vqa["run"] / "vqa_results.json").read_text())
     assert len(results) == len(val) and set(results[0]) == {"question_id", "answer"}
-    ckpt = tmp_path / "vqa" / "run" / "checkpoints"
-    vocab = json.loads((ckpt / "step_00000120" / "answer_vocab.json").read_text())
+    ckpt = grounded_vqa["checkpoint"]
+    vocab = json.loads((ckpt / (ckpt / "latest").read_text() / "answer_vocab.json").read_text())
     # test-dev: questions alone (no train files, no answers), from the finetuned checkpoint
     test_dev = finetune_in_process(
         "vqa", "finetune_vqa_synthetic.yaml", downstream, tmp_path / "test_dev", steps=20, init=ckpt,
         eval_only=True, sets=["task.train_file=null", "task.train_answers=null",
-                                     f"task.eval_file={downstream}/vqa/questions_test-dev.json", "task.eval_answers=null"])
+                              f"task.eval_file={downstream}/vqa/questions_test-dev.json", "task.eval_answers=null"])
     assert test_dev["num_questions"] == len(val)
     answers = {r["question_id"]: r["answer"] for r in json.loads((tmp_path / "test_dev/run/vqa_results.json").read_text())}
     # the same questions as val: the same answers as the finetune's own evaluation, all from its vocabulary

@@ -159,3 +159,30 @@ def grounded_vqa(grounded, tmp_path_factory):
     metrics = finetune_in_process("vqa", "finetune_vqa_synthetic.yaml", grounded["downstream"], out, steps=60,
                                   init=grounded["checkpoint"], sets=["train.warmup_steps=6"])
     return {"metrics": metrics, "run": out / "run", "checkpoint": out / "run" / "checkpoints"}
+
+
+FINETUNE_FROM_SCRATCH = ["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+                         "model.intermediate_size=128", "model.vd_size=32", "model.bert_dir=null",
+                         "model.backbone_weights=null", "model.pool_last=false", "model.freeze_stem=false",
+                         "model.dropout=0.0", "data.shorter_side=64", "data.longer_side=96", "data.max_text_len=20",
+                         "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3", "train.head_lr_mult=1"]
+
+
+@pytest.fixture(scope="session")
+def classifier_runs(downstream, tmp_path_factory, world_of_one):
+    """The NLVR2 and SNLI-VE drivers from random initialisation with the tiny model, 100 steps, each run
+    once for every test that needs it (its learning: test_finetune.py; load_model's agreement with it:
+    test_inference.py). task -> {"metrics", "run"}."""
+    from launching import finetune_in_process
+
+    runs = {}
+
+    def run(task: str) -> dict:
+        if task not in runs:
+            out = tmp_path_factory.mktemp(task)
+            metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, out, 100,
+                                          FINETUNE_FROM_SCRATCH)
+            runs[task] = {"metrics": metrics, "run": out / "run"}
+        return runs[task]
+
+    return run

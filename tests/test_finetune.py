@@ -3,15 +3,13 @@ import json
 
 import pytest
 
-from launching import TINY_MODEL, finetune_in_process
-
-TINY = TINY_MODEL + ["model.freeze_stem=false", "model.dropout=0.0", "data.shorter_side=64", "data.longer_side=96", "data.max_text_len=20",
-                     "train.warmup_steps=5", "train.log_every=10", "train.lr=1e-3", "train.head_lr_mult=1"]
+from conftest import FINETUNE_FROM_SCRATCH
+from launching import finetune_in_process
 
 
 def run_finetune(task, config, downstream, tmp_path, steps, extra=()):
     """From random initialisation: the tiny model, no pretrained stand-ins."""
-    return finetune_in_process(task, config, downstream, tmp_path / task, steps, TINY + list(extra))
+    return finetune_in_process(task, config, downstream, tmp_path / task, steps, FINETUNE_FROM_SCRATCH + list(extra))
 
 
 @pytest.mark.slow
@@ -45,20 +43,21 @@ def test_vqa_finetune_beats_the_most_frequent_answer_and_its_vocabulary_travels(
 
 
 @pytest.mark.slow
-def test_snli_ve_finetune_beats_chance(downstream, tmp_path, world_of_one):
-    metrics = run_finetune("snli_ve", "finetune_snli_ve_synthetic.yaml", downstream, tmp_path, steps=100)
+def test_snli_ve_finetune_beats_chance(classifier_runs):
+    metrics = classifier_runs("snli_ve")["metrics"]
     assert metrics["num_examples"] == 120
     assert metrics["accuracy"] > 33.3 + 15, metrics
 
 
 @pytest.mark.slow
-def test_nlvr2_finetune_learns_its_training_pairs_and_scores_the_full_dev_split(downstream, tmp_path, world_of_one):
+def test_nlvr2_finetune_learns_its_training_pairs_and_scores_the_full_dev_split(classifier_runs):
     """From random initialisation the tiny model fits NLVR2's training statements; whether it beats
     chance on dev (it sits within +-10 points of 50 over seeds) is tested from the grounded
     pretraining instead (test_grounding.py)."""
-    metrics = run_finetune("nlvr2", "finetune_nlvr2_synthetic.yaml", downstream, tmp_path, steps=100)
+    nlvr2 = classifier_runs("nlvr2")
+    metrics = nlvr2["metrics"]
     assert metrics["num_examples"] == 40
-    rows = [json.loads(line) for line in (tmp_path / "nlvr2/run/train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (nlvr2["run"] / "train.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 0.69 - 0.1 and rows[-1]["loss"] < 0.5, [(r["step"], r["loss"]) for r in rows]
     # images/s counts both images of each example: 16 examples a step are 32 images
     assert all(r["perf/img_per_s"] * r["perf/step_s"] == pytest.approx(32) for r in rows)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import soho_ds
-from launching import ENV, TINY_MODEL, finetune_in_process
+from launching import ENV
 
 
 def same_answers(a, b):
@@ -105,12 +105,11 @@ def test_vqa_answers_reproduce_the_drivers_accuracy_and_survive_export(grounded,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["nlvr2", "snli_ve"])
-def test_classifiers_reproduce_the_drivers_accuracy(task, downstream, tmp_path, world_of_one):
-    """A few steps of the tiny model are enough: the API must give the driver's predictions, right or not."""
-    sets = TINY_MODEL + ["data.shorter_side=64", "data.longer_side=96", "data.max_text_len=20",
-                         "train.warmup_steps=2"]
-    metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, tmp_path, steps=8, sets=sets)
-    model = soho_ds.load_model(tmp_path / "run" / "checkpoints", device="cpu")
+def test_classifiers_reproduce_the_drivers_accuracy(task, downstream, classifier_runs):
+    """The drivers' own runs (test_finetune.py's): the API must give the driver's predictions, right or not."""
+    run = classifier_runs(task)
+    metrics = run["metrics"]
+    model = soho_ds.load_model(run["run"] / "checkpoints", device="cpu")
     if task == "nlvr2":
         from soho_ds.tasks.nlvr2 import read_nlvr2
 

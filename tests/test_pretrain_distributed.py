@@ -1,6 +1,7 @@
 """End to end through the real entry point: `deepspeed launch/pretrain.py` with two CPU ranks (gloo)."""
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -21,11 +22,15 @@ def test_two_rank_zero2_run_lowers_the_loss(two_rank_run):
     _, log = two_rank_run
     assert "world size 2" in log
     assert "joined as global rank 0 of 2" in log and "joined as global rank 1 of 2" in log
-    # The MLM term is the steady signal over a few steps (MVM targets shift as the VD moves).
+    # The MLM term is the steady signal over a few steps (MVM targets shift as the VD moves); a step's MLM
+    # loss is over a dozen masked words (a step whose captions are mostly ITM negatives has few), so the
+    # first and last five steps are compared by their medians: from about ln(vocabulary) = 10.3, down by
+    # a tenth, and every one of the last five below the first five's median.
     mlm = {int(m.group(1)): float(m.group(4)) for m in STEP_LINE.finditer(log)}
     assert sorted(mlm) == list(range(1, 21))
-    first, last = sum(mlm[s] for s in (1, 2, 3)) / 3, sum(mlm[s] for s in (18, 19, 20)) / 3
-    assert last < 0.85 * first, mlm
+    first, last = (statistics.median(mlm[s] for s in steps) for steps in (range(1, 6), range(16, 21)))
+    curve = " ".join(f"{s}:{v}" for s, v in sorted(mlm.items()))
+    assert last < 0.9 * first and max(mlm[s] for s in range(16, 21)) < first, curve
     assert log.count("replicas agree: weights and VD table identical on all 2 ranks") == 2  # steps 10 and 20
 
 

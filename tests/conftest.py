@@ -29,6 +29,14 @@ def _sweep_orphaned_deepspeed_shm():
 _sweep_orphaned_deepspeed_shm()
 
 
+def pytest_collection_modifyitems(items):
+    """A test that builds an engine in this process (the world_of_one fixture, directly or through a
+    trained-model fixture) trains: it is slow, and `make test-fast` leaves it out."""
+    for item in items:
+        if "world_of_one" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,8 @@ from soho_ds.config import load_config
 from soho_ds.data.shards import list_shards, sample_sizes
 from soho_ds.runtime.dist import DistInfo
 
+pytestmark = pytest.mark.slow  # 1, 2 and 3 gloo processes per case
+
 
 class PretrainStandIn(nn.Module):
     """acc/itm of a batch = the mean valid width of its images; acc/mlm = their mean valid height."""

@@ -50,6 +50,7 @@ def test_loss_weights_are_applied(tokenizer):
     assert torch.allclose(out["loss"], 0.5 * out["loss/mlm"] + 2.0 * out["loss/itm"] + 0.25 * out["loss/mvm"])
 
 
+@pytest.mark.slow
 def test_pretraining_steps_lower_the_loss_on_a_fixed_batch(tokenizer):
     torch.manual_seed(0)
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0)).train()

@@ -68,9 +68,12 @@ def test_retrieval_finetune_scores_the_full_split_and_its_folds(downstream, tmp_
     metrics = run_finetune("retrieval", "finetune_retrieval_synthetic.yaml", downstream, tmp_path, steps=20,
                            extra=["task.eval_folds=2", "train.best_metric=rsum"])
     assert metrics["num_images"] == 40 and metrics["num_texts"] == 200  # every test image, every caption
-    assert metrics["rsum"] == sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    # a fold holds half the images: its chance R@10 is twice the full split's, and so is a random model's
-    assert {"2fold/t2i_r1", "2fold/i2t_r10", "2fold/rsum"} <= set(metrics)
+    # a fold holds half the images and their captions: each caption's image (each image's captions) meets
+    # a subset of the candidates it met in the full split, so no rank gets worse and no recall lower
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert metrics[f"2fold/{d}_r{k}"] >= metrics[f"{d}_r{k}"], (d, k, metrics)
+    assert metrics["2fold/rsum"] >= metrics["rsum"]
     assert (tmp_path / "retrieval" / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000020"
     # train.best_metric keeps the best evaluation's checkpoint for any task: here the only one, the last
     best = json.loads((tmp_path / "retrieval/run/checkpoints/best.json").read_text())

@@ -22,6 +22,7 @@ benchmarks/gpu/ (benchmarks/gpu_tiny/ in the tiny mode). The targets are in docs
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,7 +75,10 @@ def run(args: list[str], log: Path) -> tuple[bool, float, str]:
     """A command from the project root; its output goes to `log`. -> (ok, seconds, last line of output)."""
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(args, cwd=ROOT, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc = subprocess.run(args, cwd=ROOT, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+        except OSError as e:  # a command that is not installed fails its row, not the check
+            return False, time.time() - t0, f"{args[0]}: {e}"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return proc.returncode == 0, time.time() - t0, lines[-1][:240] if lines else ""
 
@@ -216,7 +220,8 @@ def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]
     except Exception as e:  # the report says which stage fails and how
         rows.append({"check": f"load_model on {device}", "result": "failed",
                      "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-    retrieve = str(Path(sys.executable).parent / "soho-retrieve")
+    retrieve = shutil.which("soho-retrieve", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") \
+        or "soho-retrieve"
     ok, seconds, last = run([retrieve, "--model", str(checkpoint), "--images", str(downstream / "images"), "--cache",
                              str(work / "search_cache.pt"), "--top", "3", "--device", device, "a large red circle"],
                             work / "retrieve.log")
@@ -225,24 +230,22 @@ def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]
     return rows
 
 
-def bench_rows(shards: Path, out: Path, work: Path, b: dict) -> list[dict]:
-    """Step 5: the benchmarks, each writing its own report beside this one."""
+def bench_rows(shards: Path, out: Path, work: Path, b: dict):
+    """Step 5: the benchmarks, each writing its own report beside this one (the compiling one last)."""
     small = ["--backbone", b["backbone"], "--layers", str(b["layers"])]
     commands = {
         "bench_data": ["benchmarks/bench_data.py", "--shards", str(shards), "--image-size", str(b["square"]),
                        "--batch", str(b["batch"]), "--batches", str(2 * b["iters"] + 1), "--aspect", b["aspect"],
                        "--threads", "8" if torch.cuda.is_available() else "1"],
-        "bench_train": ["benchmarks/bench_train.py", *small, "--image-size", str(b["square"]), "--batch", str(b["batch"]),
-                        "--iters", str(b["iters"]), "--options", b["train_options"]],
         "bench_inference": ["benchmarks/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
                                                                    b["backbone"] == "resnet18" else []),
-                            "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))]}
-    rows = []
+                            "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))],
+        "bench_train": ["benchmarks/bench_train.py", *small, "--image-size", str(b["square"]),
+                        "--batch", str(b["batch"]), "--iters", str(b["iters"]), "--options", b["train_options"]]}
     for name, args in commands.items():
         ok, seconds, last = run([sys.executable, *args, "--out", str(out)], work / f"{name}.log")
-        rows.append({"check": name, "result": "ok" if ok else "failed",
-                     "detail": f"{seconds:.0f} s; " + (f"see {name}.md" if ok else last)})
-    return rows
+        yield {"check": name, "result": "ok" if ok else "failed",
+               "detail": f"{seconds:.0f} s; " + (f"see {name}.md" if ok else last)}
 
 
 def main() -> None:
@@ -255,7 +258,6 @@ def main() -> None:
     out = Path(a.out or ROOT / "benchmarks" / ("gpu_tiny" if tiny else "gpu")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     s = sizes(tiny)
-    from harness import write_report
     from soho_ds.synthetic.downstream import make_downstream
     from soho_ds.synthetic.shards import make_dataset
 
@@ -272,21 +274,31 @@ def main() -> None:
     make_downstream(work / "downstream", num_train=16 if tiny else 64, num_eval=8 if tiny else 16,
                     image_size=s["photos"][0], seed=1, non_square=0.5)
     tokenizer = tokenizer_dir(work)
-    rows, checkpoint = pretrain_rows(shards, work, s, tokenizer)
+    from harness import write_report
+
+    rows: list[dict] = []
+
+    def report(stage_rows: list[dict]) -> str:
+        # rewritten after every stage: a run stopped at a time limit still leaves what it measured
+        rows.extend(stage_rows)
+        return write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
+                            ["check", "result", "detail"], rows,
+                            [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch "
+                             f"of {s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs "
+                             f"with a shorter side of {' and '.join(map(str, s['photos']))} px; "
+                             f"{time.time() - t0:.0f} s in all",
+                             "each run's logs: --keep DIR; targets: docs/gpu.md",
+                             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+                             "(DeepSpeed's op builder rejects 9.0a)"], out)
+
+    pretrained, checkpoint = pretrain_rows(shards, work, s, tokenizer)
+    md = report(pretrained)
     if checkpoint is not None:
-        rows += finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny)
-        rows += inference_rows(work / "downstream", checkpoint, work)
-    rows += bench_rows(shards[-1], out, work, s["bench"])
+        md = report(finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny))
+        md = report(inference_rows(work / "downstream", checkpoint, work))
+    for row in bench_rows(shards[-1], out, work, s["bench"]):
+        md = report([row])
     failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
-    md = write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
-                      ["check", "result", "detail"], rows,
-                      [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch of "
-                       f"{s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs with a "
-                       f"shorter side of {' and '.join(map(str, s['photos']))} px; {time.time() - t0:.0f} s in all",
-                       "each run's logs: --keep DIR; targets: docs/gpu.md",
-                       f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
-                       "(DeepSpeed's op builder rejects 9.0a)"],
-                      out)
     print(md)
     if tmp is not None:
         tmp.cleanup()

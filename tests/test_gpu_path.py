@@ -239,9 +239,10 @@ def test_the_bf16_engine_accumulates_gradients_in_fp32_and_keeps_batchnorm_stati
 def test_every_dali_graph_defines_for_the_gpu_decoder(mode, train, synthetic_data):
     """Each pipeline the project builds, with nvJPEG's mixed decoder, defined and checked by DALI without
     a device (serialising validates every operator's placement and the GPU->CPU transitions the
-    executor allows): the shard loader without and with region boxes (and detector features), and
-    the file decoder of the finetunes, load_model and search."""
+    executor allows): the shard loader without and with region boxes (and detector features), the
+    file decoder of the finetunes, load_model and search, and the shard indexer's image checker."""
     from soho_ds.data.pipeline import ImageSpec, define_file_pipeline, define_shard_pipeline
+    from soho_ds.data.shards import define_checker_pipeline
     from soho_ds.data.regions import RegionSpec
 
     spec = ImageSpec(mode=mode, shorter_side=64, longer_side=96, image_size=64)
@@ -251,6 +252,7 @@ def test_every_dali_graph_defines_for_the_gpu_decoder(mode, train, synthetic_dat
         assert pipe.serialize()
     pipe = define_file_pipeline(spec, 4, lambda: [], train=train, device="cuda", device_id=None)
     assert pipe.serialize()
+    assert define_checker_pipeline(4, on_gpu=True, device_id=None).serialize()
 
 
 def test_the_file_decoder_reads_ahead_and_groups_by_orientation(tmp_path):

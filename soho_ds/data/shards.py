@@ -189,24 +189,31 @@ def _write_atomically(path: str, text: str) -> None:
 
 # --- the checker ---------------------------------------------------------------------------------
 
+def define_checker_pipeline(batch_size: int, on_gpu: bool, device_id: int | None):
+    """The checker's DALI pipeline, defined and not built: encoded bytes in, each image's decoded shape out.
+    On a GPU the shapes come back from the mixed decoder to the host, which only DALI's dynamic executor
+    allows."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def decode():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB).shape()
+
+    return decode(batch_size=batch_size, num_threads=1, device_id=device_id, exec_async=False,
+                  exec_pipelined=False, exec_dynamic=on_gpu, prefetch_queue_depth=1)
+
+
 class ImageChecker:
     """Decodes encoded images with DALI's decoder (mixed on a GPU, cpu otherwise), as training does;
     returns each image's (height, width), or the reason it does not decode."""
 
     def __init__(self, batch_size: int = 16, device: str | None = None):
         import torch
-        from nvidia.dali import fn, pipeline_def, types
 
         on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         self.batch_size = batch_size
-
-        @pipeline_def
-        def decode():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB).shape()
-
-        self._make = lambda size: decode(batch_size=size, num_threads=1, device_id=0 if on_gpu else None,
-                                         exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        self._make = lambda size: define_checker_pipeline(size, on_gpu, 0 if on_gpu else None)
         self.pipe = self._make(batch_size)
         self.pipe.build()
         self.single = None

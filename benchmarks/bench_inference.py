@@ -163,12 +163,13 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--throughput-batch", type=int, default=64 if torch.cuda.is_available() else 2)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--tokenizer-dir", help="WordPiece vocab folder (default: bert-base-uncased's, packaged)")
     p.add_argument("--out", default="benchmarks")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=a.backbone, num_layers=a.layers, pool_last=True, dropout=0.0)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(a.tokenizer_dir)
     rows = []
     for name, build in (("SOHO (pixels, end to end)", SohoScorer),
                         ("region features, BUTD (R101-C4, 300 proposals, res5 head) + same BERT", BUTDRegions),

@@ -45,12 +45,13 @@ def main() -> None:
     p.add_argument("--options", default="",
                    help="extra engine rows (comma-separated): channels_last_params, channels_last_params_after, "
                         "channels_last_inputs, compile_cnn")
+    p.add_argument("--tokenizer-dir", help="WordPiece vocab folder (default: bert-base-uncased's, packaged)")
     p.add_argument("--out", default="benchmarks")
     a = p.parse_args()
     dist_info = init_distributed()
     device = dist_info.device
     torch.manual_seed(0)
-    batch = pretraining_batch(a.batch, a.image_size, device)
+    batch = pretraining_batch(a.batch, a.image_size, device, tokenizer_dir=a.tokenizer_dir)
     images = batch.pop("images")
     cfg = ModelConfig(backbone=a.backbone, num_layers=a.layers, pool_last=False, dropout=0.0)
     base = SohoPretrainer(cfg, PretrainConfig())

@@ -230,9 +230,10 @@ def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]
     return rows
 
 
-def bench_rows(shards: Path, out: Path, work: Path, b: dict):
+def bench_rows(shards: Path, out: Path, work: Path, b: dict, tokenizer: str | None):
     """Step 5: the benchmarks, each writing its own report beside this one (the compiling one last)."""
-    small = ["--backbone", b["backbone"], "--layers", str(b["layers"])]
+    small = ["--backbone", b["backbone"], "--layers", str(b["layers"])] + (["--tokenizer-dir", tokenizer] if tokenizer
+                                                                            else [])
     commands = {
         "bench_data": ["benchmarks/bench_data.py", "--shards", str(shards), "--image-size", str(b["square"]),
                        "--batch", str(b["batch"]), "--batches", str(2 * b["iters"] + 1), "--aspect", b["aspect"],
@@ -296,7 +297,7 @@ def main() -> None:
     if checkpoint is not None:
         md = report(finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny))
         md = report(inference_rows(work / "downstream", checkpoint, work))
-    for row in bench_rows(shards[-1], out, work, s["bench"]):
+    for row in bench_rows(shards[-1], out, work, s["bench"], tokenizer):
         md = report([row])
     failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
     print(md)

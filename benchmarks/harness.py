@@ -86,12 +86,13 @@ def peak_memory_gib(device: str | None = None) -> float:
 CAPTIONS = ["a small red circle above a large blue square", "two shapes on a white background"]
 
 
-def pretraining_batch(images: int, image_size: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
+def pretraining_batch(images: int, image_size: int, device, seed: int = 0,
+                      tokenizer_dir: str | None = None) -> dict[str, torch.Tensor]:
     """A pretraining batch of `images` random square images with two captions each (MLM at 15 %, half of
     the pairs ITM negatives), as PretrainTask builds one."""
     from soho_ds.data.text import PretrainTextBuilder, load_tokenizer
 
-    text = PretrainTextBuilder(load_tokenizer(), 24, 2, 0.15, 0.5, seed=seed)([CAPTIONS] * images)
+    text = PretrainTextBuilder(load_tokenizer(tokenizer_dir), 24, 2, 0.15, 0.5, seed=seed)([CAPTIONS] * images)
     batch = {k: v.to(device) for k, v in text.items()}
     batch["images"] = torch.randn(images, 3, image_size, image_size, device=device,
                                   generator=torch.Generator(device=device).manual_seed(seed))

@@ -7,7 +7,8 @@ on a CPU the same stages at tiny sizes (tests/test_bench.py runs them), so the s
    downstream set (VQA, NLVR2, retrieval images) are written to a temporary folder.
 2. `deepspeed launch/pretrain.py` with configs/pretrain_coco_vg.yaml (ResNet-101 + 12-layer
    BERT-base, K = 2048, SOHO's 600/1000 aspect input) under ds_configs/zero2.json (fp16) and
-   zero2_bf16.json, and zero2.json with overlap_comm on: the ranks' losses on and off compared.
+   zero2_bf16.json, and zero2.json with overlap_comm on: the losses on and off compared (on a GPU with a
+   second off run as the control for run-to-run nondeterminism).
    From each run's own log: images/s, MFU over valid pixels and real tokens, peak GPU memory,
    the share of step time spent waiting for data, the loss scale, the slowest rank's step time,
    skipped steps.
@@ -146,6 +147,8 @@ def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None
     runs = {"fp16 (zero2.json)": ds_copy("zero2.json", s["micro"], work),
             "bf16 (zero2_bf16.json)": ds_copy("zero2_bf16.json", s["micro"], work),
             "fp16, overlap_comm on": ds_copy("zero2.json", s["micro"], work, overlap_comm=True)}
+    if torch.cuda.is_available():  # cuDNN may differ run to run on a GPU: a second off run tells overlap's share
+        runs["fp16 again (control)"] = runs["fp16 (zero2.json)"]
     rows, figures, checkpoint = [], {}, None
     for i, (name, ds) in enumerate(runs.items()):
         out = work / f"pretrain{i}"
@@ -165,8 +168,14 @@ def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None
     on, off = figures.get("fp16, overlap_comm on"), figures.get("fp16 (zero2.json)")
     if on and off:
         same = on["losses"] == off["losses"]
+        control = figures.get("fp16 again (control)")
+        detail = f"off {_losses(off['losses'])}; on {_losses(on['losses'])}"
+        if control and not same:
+            detail += ("; a second off run repeats the first exactly: overlap changes the numerics"
+                       if control["losses"] == off["losses"] else
+                       f"; a second off run differs too ({_losses(control['losses'])}): run-to-run nondeterminism")
         rows.append({"check": "overlap_comm on vs off (fp16)", "result": "identical losses" if same else "DIFFERENT",
-                     "detail": f"off {_losses(off['losses'])}; on {_losses(on['losses'])}"})
+                     "detail": detail})
     return rows, checkpoint
 
 

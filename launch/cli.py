@@ -8,6 +8,7 @@ import logging
 import sys
 
 import deepspeed
+import torch
 
 from soho_ds.config import ReportedError
 from soho_ds.runtime.engine import PRECISIONS
@@ -56,3 +57,5 @@ def main(driver: str, description: str) -> None:
     except ReportedError as e:
         logging.getLogger("soho_ds").error("%s", e)
         sys.exit(1)
+    if torch.distributed.is_initialized():  # NCCL reports leaked resources at exit otherwise
+        torch.distributed.destroy_process_group()

@@ -1,7 +1,6 @@
 """Starting runs through the real entry points (`deepspeed launch/*.py`, or a driver in-process) from tests."""
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,26 @@ TINY_MODEL = ["model.backbone=resnet18", "model.hidden_size=64", "model.num_laye
 TINY = TINY_MODEL + ["data.shorter_side=64", "data.longer_side=96", "data.captions_per_image=2",
                      "data.max_text_len=20", "train.lr=2e-3", "train.warmup_steps=0", "train.lr_decay=constant",
                      "train.log_every=1", "train.eval_batches=2", "pretrain.mvm_prob=0.5", "train.image_log_every=0"]
-STEP_LINE = re.compile(r"step (\d+)/(\d+)  loss ([\d.]+).*loss/mlm ([\d.]+)")
-
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 10.0,
              "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def history(run_dir, event: str) -> list[dict]:
+    """The run's own record of its events (runtime/log.py HISTORY): each `event` entry, oldest first."""
+    from soho_ds.runtime.log import HISTORY
+
+    rows = [json.loads(line) for line in (Path(run_dir) / HISTORY).read_text().splitlines()]
+    return [row for row in rows if row["event"] == event]
+
+
+def train_log(run_dir) -> dict[int, dict]:
+    """step -> logged values; a resumed run's lines replace the interrupted run's."""
+    rows = {}
+    for line in (run_dir / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
 
 
 def launch_command(tmp_path, synthetic_data, steps, extra=(), resume=False, launcher_args=("--num_gpus", "2"),

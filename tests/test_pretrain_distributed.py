@@ -1,6 +1,5 @@
 """End to end through the real entry point: `deepspeed launch/pretrain.py` with two CPU ranks (gloo)."""
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -9,29 +8,31 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port
-from launching import ENV, STEP_LINE, launch, launch_command
+from launching import ENV, history, launch, launch_command, train_log
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, synthetic_data):
     tmp = tmp_path_factory.mktemp("zero2")
-    return tmp, launch(tmp, synthetic_data, ranks=2, steps=20, extra=["train.save_every=10", "train.image_log_every=10"])
+    return tmp, launch(tmp, synthetic_data, ranks=2, steps=20,
+                       extra=["train.save_every=10", "train.image_log_every=10"])
 
 
 @pytest.mark.slow
 def test_two_rank_zero2_run_lowers_the_loss(two_rank_run):
-    _, log = two_rank_run
-    assert "world size 2" in log
-    assert "joined as global rank 0 of 2" in log and "joined as global rank 1 of 2" in log
+    tmp, _ = two_rank_run
+    start = history(tmp / "run", "start")[0]
+    assert start["world_size"] == 2 and [r["local_rank"] for r in start["ranks"]] == [0, 1]
     # The MLM term is the steady signal over a few steps (MVM targets shift as the VD moves); a step's MLM
     # loss is over a dozen masked words (a step whose captions are mostly ITM negatives has few), so the
     # first and last five steps are compared by their medians: from about ln(vocabulary) = 10.3, down by
     # a tenth, and every one of the last five below the first five's median.
-    mlm = {int(m.group(1)): float(m.group(4)) for m in STEP_LINE.finditer(log)}
+    mlm = {step: row["loss/mlm"] for step, row in train_log(tmp / "run").items()}
     assert sorted(mlm) == list(range(1, 21))
     first, last = (statistics.median(mlm[s] for s in steps) for steps in (range(1, 6), range(16, 21)))
     curve = " ".join(f"{s}:{v}" for s, v in sorted(mlm.items()))
     assert last < 0.9 * first and max(mlm[s] for s in range(16, 21)) < first, curve
-    assert log.count("replicas agree: weights and VD table identical on all 2 ranks") == 2  # steps 10 and 20
+    saved = history(tmp / "run", "checkpoint")
+    assert [(c["step"], c["replicas_agree"]) for c in saved][:2] == [(10, True), (20, True)]
 
 
 @pytest.mark.slow
@@ -63,10 +64,10 @@ def test_checkpoint_loads_back_to_the_same_weights(two_rank_run):
 @pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(two_rank_run, synthetic_data):
     tmp, _ = two_rank_run
-    log = launch(tmp, synthetic_data, ranks=2, steps=22, resume=True)
-    assert re.search(r"resumed from .*step_00000020 at step 20", log)
-    steps = [int(m.group(1)) for m in STEP_LINE.finditer(log)]
-    assert steps == [21, 22]
+    launch(tmp, synthetic_data, ranks=2, steps=22, resume=True)
+    start = history(tmp / "run", "start")[-1]
+    assert (start["resumed_from"], start["step"]) == ("step_00000020", 20)
+    assert sorted(train_log(tmp / "run"))[-3:] == [20, 21, 22]
 
 
 @pytest.mark.slow
@@ -138,6 +139,8 @@ def test_two_nodes_on_localhost_train_as_one_world(tmp_path, synthetic_data):
                                       text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "joined as global rank 0 of 2" in logs[0] and "joined as global rank 1 of 2" in logs[1]
-    assert "replicas agree: weights and VD table identical on all 2 ranks" in logs[0]
-    assert [int(m.group(1)) for m in STEP_LINE.finditer(logs[0])] == [1, 2, 3, 4]
+    # one rank on each node: two ranks, each its node's local rank 0, whose replicas agreed at the checkpoint
+    (start,) = history(tmp_path / "run", "start")
+    assert start["world_size"] == 2 and [r["local_rank"] for r in start["ranks"]] == [0, 0]
+    assert [(c["step"], c["replicas_agree"]) for c in history(tmp_path / "run", "checkpoint")] == [(4, True)]
+    assert sorted(train_log(tmp_path / "run")) == [1, 2, 3, 4]

@@ -16,28 +16,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
-from launching import ENV, launch, launch_command
+from launching import ENV, history, launch, launch_command, train_log
 
-DIGEST = re.compile(r"state digest @ step (\d+): weights (\S+)  exp_avg (\S+)  exp_avg_sq (\S+)")
 RESUME = ["train.save_every=3", "train.eval_every=0"]
 
 
-def digests(log):
-    return {int(m.group(1)): [float(v) for v in m.groups()[1:]] for m in DIGEST.finditer(log)}
-
-
-def same_state(a, b):
-    """Equal up to the order in which partitions were summed (they differ between world sizes)."""
-    return all(x == pytest.approx(y, rel=1e-9, abs=1e-12) for x, y in zip(a, b)) and a[1] != 0.0
-
-
-def train_log(run_dir):
-    """step -> logged values; a resumed run's lines replace the interrupted run's."""
-    rows = {}
-    for line in (run_dir / "train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+def same_state(a: dict, b: dict) -> bool:
+    """Two state digests (weights and both Adam moments), equal up to the order in which partitions were
+    summed (it differs between world sizes)."""
+    keys = ("weights", "exp_avg", "exp_avg_sq")
+    return all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12) for k in keys) and a["exp_avg"] != 0.0
 
 
 @pytest.fixture(scope="module")
@@ -67,29 +55,32 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_loss_curve(tmp_path, syn
     partial = ckpt / "step_00000006"
     partial.mkdir(exist_ok=True)
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
-    assert "resumed from" in log and "step_00000003 at step 3" in log
+    launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
+    start = history(tmp_path / "run", "start")[-1]
+    assert (start["resumed_from"], start["step"]) == ("step_00000003", 3)
     assert_same_curve(reference, train_log(tmp_path / "run"), 4)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_every_rank_at_the_next_step_and_the_resumed_curve_is_the_same(tmp_path, synthetic_data,
                                                                                           reference):
-    """Preemption: the launcher gets SIGTERM after step 4 (and passes it on to its ranks); every rank
-    writes one checkpoint at the next step boundary and exits; --resume continues exactly."""
+    """Preemption: the launcher gets SIGTERM after step 4 (and passes it on to its ranks); rank 0 holds it
+    at step 4, the ranks learn of it in the all-reduce read at step 5, every rank writes the step-5
+    checkpoint and exits; --resume continues exactly."""
     log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME,
                  flags=["--inject_fault", "0:4:TERM:launcher"],
                  expect_ok=False)  # the launcher reports the signal; the ranks themselves exit cleanly
-    match = re.search(r"SIGTERM: checkpoint step_0*(\d+) written at step \d+ on every rank", log)
-    assert match, log[-3000:]
-    stopped = int(match.group(1))
+    preempted = history(tmp_path / "run", "preempted")
+    assert len(preempted) == 1, log[-3000:]
+    stopped = preempted[0]["step"]
     ckpt = tmp_path / "run" / "checkpoints"
-    assert 4 <= stopped < 8 and (ckpt / "latest").read_text() == f"step_{stopped:08d}"
+    assert stopped == 5 and (ckpt / "latest").read_text() == "step_00000005"
     assert json.loads((ckpt / f"step_{stopped:08d}" / "meta.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (ckpt / f"step_{stopped:08d}").glob("rank_*.pt")) == ["rank_00000.pt",
                                                                                          "rank_00001.pt"]
-    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
-    assert f"at step {stopped}" in log
+    launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
+    start = history(tmp_path / "run", "start")[-1]
+    assert (start["resumed_from"], start["step"]) == (f"step_{stopped:08d}", stopped)
     assert_same_curve(reference, train_log(tmp_path / "run"), stopped + 1)
 
 
@@ -98,24 +89,34 @@ def test_world_size_changes_on_resume_keep_weights_step_and_moments(tmp_path, sy
     ds = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 10.0,
           "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
     extra = ["train.save_every=4", "train.eval_every=0"]
-    log2 = launch(tmp_path, synthetic_data, ranks=2, steps=4, extra=extra, ds_config=ds)
-    saved = digests(log2)[4]
-    assert "micro-batch 4 x accumulation 1 = global batch 8" in log2
+    run = tmp_path / "run"
+
+    def batch(start):
+        return start["world_size"], start["micro_batch"], start["accumulation"], start["global_batch"]
+
+    launch(tmp_path, synthetic_data, ranks=2, steps=4, extra=extra, ds_config=ds)
+    assert batch(history(run, "start")[0]) == (2, 4, 1, 8)
+    saved = history(run, "checkpoint")[-1]
+    assert saved["step"] == 4 and saved["replicas_agree"] is True
 
     # 2 -> 1: converted to a universal checkpoint, then trains on with accumulation 2
-    log1 = launch(tmp_path, synthetic_data, ranks=1, steps=6, extra=extra, resume=True, ds_config=ds)
-    assert "converting to a universal checkpoint" in log1
-    assert re.search(r"resumed from .*step_00000004_universal at step 4", log1)
-    assert same_state(digests(log1)[4], saved)  # weights and both Adam moments
-    assert "micro-batch 4 x accumulation 2 = global batch 8" in log1
-    assert sorted(train_log(tmp_path / "run"))[-2:] == [5, 6]
-    saved6 = digests(log1)[6]
+    launch(tmp_path, synthetic_data, ranks=1, steps=6, extra=extra, resume=True, ds_config=ds)
+    start = history(run, "start")[-1]
+    assert (start["resumed_from"], start["universal"], start["step"]) == ("step_00000004_universal", True, 4)
+    assert (run / "checkpoints" / "step_00000004_universal" / "zero").is_dir()
+    assert same_state(start["digest"], saved["digest"])  # weights and both Adam moments
+    assert batch(start) == (1, 4, 2, 8)
+    assert sorted(train_log(run))[-2:] == [5, 6]
+    saved6 = history(run, "checkpoint")[-1]
+    assert saved6["step"] == 6
 
     # 1 -> 2
-    log3 = launch(tmp_path, synthetic_data, ranks=2, steps=7, extra=extra, resume=True, ds_config=ds)
-    assert re.search(r"resumed from .*step_00000006_universal at step 6", log3)
-    assert same_state(digests(log3)[6], saved6)
-    assert 7 in train_log(tmp_path / "run")
+    launch(tmp_path, synthetic_data, ranks=2, steps=7, extra=extra, resume=True, ds_config=ds)
+    start = history(run, "start")[-1]
+    assert (start["resumed_from"], start["step"]) == ("step_00000006_universal", 6)
+    assert same_state(start["digest"], saved6["digest"])
+    assert batch(start) == (2, 4, 1, 8)
+    assert 7 in train_log(run)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -42,5 +43,21 @@ class FaultInjection(StepHooks):
         return batch
 
     def after_step(self, rank: int, step: int) -> None:
-        if self.kind != "NAN" and self._hits(rank, step):
-            os.kill(os.getppid() if self.to_launcher else os.getpid(), getattr(signal, f"SIG{self.kind}"))
+        if self.kind == "NAN" or not self._hits(rank, step):
+            return
+        signum = getattr(signal, f"SIG{self.kind}")
+        handler = signal.getsignal(signum)
+        if not callable(handler):  # KILL, STOP, or a signal nobody handles: it acts at once
+            os.kill(os.getppid() if self.to_launcher else os.getpid(), signum)
+            return
+        # A handled signal (SIGTERM: the trainer's stop flag) is waited for here, so that it arrives at this
+        # step on this rank wherever it is sent: the run reacts at a fixed step, not at one the timing picks.
+        received = []
+        signal.signal(signum, lambda *args: (received.append(True), handler(*args)))
+        try:
+            os.kill(os.getppid() if self.to_launcher else os.getpid(), signum)
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.01)  # the handler runs between these sleeps
+        finally:
+            signal.signal(signum, handler)

@@ -22,6 +22,12 @@ def setup_console(rank: int, world_size: int, local_rank: int) -> None:
         logging.getLogger().setLevel(logging.WARNING)
 
 
+# The run's history in its output folder, one JSON line per event, for scripts: each start (world,
+# batch, precision, the checkpoint it resumed from and its state digest), each checkpoint (its digest,
+# whether the ranks' replicas agreed) and a preemption.
+HISTORY = "run.jsonl"
+
+
 class RunLogger:
     def __init__(self, log_dir: str, rank: int):
         self.log_dir = log_dir

@@ -33,7 +33,7 @@ from soho_ds.config import ReportedError, RunConfig
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, host_group
 from soho_ds.runtime.engine import cap_loss_scale, compute_dtype, part_rates
-from soho_ds.runtime.log import RunLogger, format_eta
+from soho_ds.runtime.log import HISTORY, RunLogger, format_eta
 from soho_ds.runtime.perf import FlopModel, device_memory_gib, device_peak_flops, host_name, resident_memory_gib
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,8 @@ class Trainer:
         self.ckpt_dir = f"{cfg.train.output_dir}/checkpoints"
         self.eval_log = f"{cfg.train.output_dir}/eval.jsonl"
         self.train_log = f"{cfg.train.output_dir}/train.jsonl"
+        self.history = f"{cfg.train.output_dir}/{HISTORY}"
+        self._resumed: dict = {"resumed_from": None}
         self._t_fit = time.time()
         self._eval_s = 0.0
         # the task may propose the figure whose best checkpoint is kept; train.best_metric decides
@@ -173,16 +175,18 @@ class Trainer:
         self.flops = FlopModel(soho, dist_info.device) if soho is not None else None
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         self.peak_flops = device_peak_flops(dist_info.device, precision) * dist_info.world_size
-        self.hosts = [host_name()] * dist_info.world_size
+        # each rank's (host, local rank): the slowest rank is named by host, the run's history holds the layout
+        self.placement = [(host_name(), dist_info.local_rank)] * dist_info.world_size
         if dist_info.world_size > 1:
-            dist.all_gather_object(self.hosts, host_name())
+            dist.all_gather_object(self.placement, (host_name(), dist_info.local_rank))
+        self.hosts = [host for host, _ in self.placement]
 
     def _rank_state(self) -> dict:
         return {"rng": checkpoint.rng_state(self.task.rng_generators()), "data": self.task.data_state()}
-    def check_replicas(self) -> None:
+    def check_replicas(self) -> bool | None:
         """Every rank must hold the same weights and VD table; checked at each checkpoint (one all_gather)."""
         if self.dist.world_size == 1:
-            return
+            return None
         module = self.engine.module
         sums = [sum(p.detach().double().sum() for p in module.parameters())]
         sums += [b.detach().double().sum() for n, b in module.named_buffers() if ".vd." in f".{n}"]
@@ -192,16 +196,20 @@ class Trainer:
         if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
             raise RuntimeError(f"ranks disagree on weights or VD table: {[e.tolist() for e in everyone]}")
         self.logger.info("replicas agree: weights and VD table identical on all %d ranks", self.dist.world_size)
+        return True
 
     def images_seen(self) -> dict[str, int]:
         """The run's images drawn from each training source, all ranks together (collective)."""
         return {k: int(sum(v)) for k, v in gather_over_ranks(self.task.images_drawn(), self.dist.device).items()}
 
     def save(self, step: int) -> None:
-        self.check_replicas()
+        agree = self.check_replicas()
         checkpoint.save(self.engine, self.ckpt_dir, step, self._rank_state(), self.cfg.to_dict(),
                         self.task.checkpoint_files(), meta={"images_seen": self.images_seen()})
-        self.logger.info("state digest @ step %d: %s", step, checkpoint.format_digest(checkpoint.state_digest(self.engine)))
+        digest = checkpoint.state_digest(self.engine)
+        self.logger.info("state digest @ step %d: %s", step, checkpoint.format_digest(digest))
+        self.logger.record(self.history, {"event": "checkpoint", "step": step, "tag": checkpoint.tag_for(step),
+                                          "digest": digest, "replicas_agree": agree})
 
     def evaluate(self, step: int) -> dict[str, float]:
         t0 = time.time()
@@ -240,14 +248,17 @@ class Trainer:
     def restore(self) -> None:
         """Loads the latest checkpoint of output_dir: weights, optimizer, schedule, RNG and data position."""
         engine = self.engine
+        tag = checkpoint.latest_tag(self.ckpt_dir)
         _, own = checkpoint.resume(engine, self.ckpt_dir)
         if own is not None:
             checkpoint.set_rng_state(own["rng"], self.task.rng_generators())
         # the run's counts go on with rank 0, whatever the world size: the sum over ranks stays the total
         seen = checkpoint.saved_meta(self.ckpt_dir, checkpoint.latest_tag(self.ckpt_dir)).get("images_seen", {})
         self.task.load_data_state(own and own["data"], engine.global_steps, seen if self.dist.rank == 0 else {})
-        self.logger.info("state digest @ step %d: %s", engine.global_steps,
-                         checkpoint.format_digest(checkpoint.state_digest(engine)))
+        digest = checkpoint.state_digest(engine)
+        self.logger.info("state digest @ step %d: %s", engine.global_steps, checkpoint.format_digest(digest))
+        self._resumed = {"resumed_from": f"{tag}_universal" if own is None else tag, "universal": own is None,
+                         "digest": digest}
 
     def _log_step(self, step: int, running: dict, micro_steps: int, interval: dict, t_start: float,
                   start: int) -> dict[str, float]:
@@ -342,6 +353,13 @@ class Trainer:
                          step, t.max_steps, self.dist.world_size, engine.train_micro_batch_size_per_gpu(),
                          engine.gradient_accumulation_steps(), engine.train_batch_size(),
                          {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32"), self.logger.log_dir)
+        self.logger.record(self.history, {
+            "event": "start", "step": step, "max_steps": t.max_steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": self.dist.world_size,
+            "ranks": [{"host": host, "local_rank": local} for host, local in self.placement],
+            "micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "accumulation": engine.gradient_accumulation_steps(), "global_batch": engine.train_batch_size(),
+            "precision": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32"), **self._resumed})
         self.logger.scalars(step, {"train/global_batch": engine.train_batch_size(),
                                    "train/grad_accumulation": engine.gradient_accumulation_steps()})
         first = values = None
@@ -401,6 +419,8 @@ class Trainer:
                     self.save(step)
                     self.logger.info("SIGTERM: checkpoint %s written at step %d on every rank; continue with --resume",
                                      checkpoint.tag_for(step), step)
+                    self.logger.record(self.history, {"event": "preempted", "step": step,
+                                                      "tag": checkpoint.tag_for(step)})
                     self.logger.close()
                     return {}
                 if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:

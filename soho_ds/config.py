@@ -77,6 +77,10 @@ class ModelConfig:
     vd_momentum: float = 0.99  # gamma of the EMA
     vd_init_from_data: bool = True  # entries start as features of the first batch
     vd_restart_below: float = 0.01  # re-seed entries used less than this fraction of the average; 0: never
+    # official: the released module's update (zero-started statistics, every entry recomputed, the
+    # updated entry returned, no re-seeding; vd_init_from_data and vd_restart_below do not apply);
+    # soho_ds: the departures against collapse (models/visual_dictionary.py)
+    vd_variant: str = "soho_ds"
     use_vd: bool = True
     # the backbone's BatchNorm: batch (per-rank statistics, SOHO's), sync (over all ranks), frozen
     # (statistics and affine fixed); the neck's is synchronised whenever there are several ranks
@@ -170,13 +174,17 @@ class PretrainConfig:
 
 
 CNN_OPTIMIZERS = ("adamw", "sgd")
-LR_DECAYS = ("linear", "cosine", "constant")
+VD_VARIANTS = ("official", "soho_ds")  # models.visual_dictionary.VARIANTS
+LR_DECAYS = ("linear", "cosine", "constant", "multistep")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/default"
-    max_steps: int = 1000
+    max_steps: int = 1000  # the budget in optimizer steps; 0: train.epochs passes over the training set
+    # Passes over the training set (its images for pretraining, its examples for a task) at the global
+    # batch: with max_steps 0 the budget, and the unit of lr_milestones (SOHO: 40 epochs, steps at 25, 35)
+    epochs: float = 0.0
     lr: float = 1e-4
     cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters (SOHO's SGD recipe: 100)
     head_lr_mult: float = 1.0  # for the heads (pretraining or task), which no checkpoint initialises
@@ -188,7 +196,12 @@ class TrainConfig:
     cnn_momentum: float = 0.9  # sgd only
     cnn_weight_decay: float = 1e-4  # sgd only
     warmup_steps: int = 100
-    lr_decay: str = "linear"  # linear | cosine | constant, after warm-up, to 0 at max_steps
+    # linear | cosine (to 0 at max_steps) | constant: transformers' schedules, warm-up from 0;
+    # multistep: torch's LinearLR warm-up from warmup_factor x the rate, then x lr_gamma at each milestone
+    lr_decay: str = "linear"
+    warmup_factor: float = 0.0  # multistep: the rate at step 0 as a share of the peak (SOHO: 1/3)
+    lr_milestones: tuple[float, ...] = ()  # multistep: in steps, or in epochs when train.epochs is set
+    lr_gamma: float = 0.1  # multistep
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
@@ -204,6 +217,18 @@ class TrainConfig:
     max_skipped_steps: int = 20  # consecutive steps with non-finite inputs or loss before the run stops
     # fp16: the dynamic loss scale never rises above this (SOHO's apex setting: 128); 0: DeepSpeed's own rule
     max_loss_scale: float = 0.0
+
+    def in_steps(self, samples: int | None, global_batch: int, source: str) -> TrainConfig:
+        """This config with the budget and the milestones in optimizer steps: where train.epochs is set,
+        an epoch is `samples` (the training set) over `global_batch`, rounded up for the budget."""
+        if self.epochs <= 0:
+            return self
+        if not samples:
+            raise ConfigError(f"{source}: train.epochs needs the size of the training set, which is not known "
+                              "here (index the shards with soho-index-shards, or give train.max_steps)")
+        per_epoch = samples / global_batch
+        return dataclasses.replace(self, epochs=0.0, max_steps=self.max_steps or math.ceil(self.epochs * per_epoch),
+                                   lr_milestones=tuple(float(round(m * per_epoch)) for m in self.lr_milestones))
 
 
 @dataclass(frozen=True)
@@ -379,6 +404,7 @@ def _check_values(cfg: RunConfig) -> None:
         (0 <= t.seed < 2**31, "train.seed", "must be in [0, 2**31)"),
         (0.0 <= m.vd_momentum < 1.0, "model.vd_momentum", "must be in [0, 1)"),
         (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
+        (m.vd_variant in VD_VARIANTS, "model.vd_variant", f"must be one of {VD_VARIANTS}, got {m.vd_variant!r}"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.pooling in POOLINGS, "model.pooling", f"must be one of {POOLINGS}, got {m.pooling!r}"),
         (m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm",
@@ -404,10 +430,24 @@ def _check_values(cfg: RunConfig) -> None:
         (s.feature_loss in ("smooth_l1", "cosine"), "semantic.feature_loss", "must be smooth_l1 or cosine"),
         (min(s.num_objects, s.num_attributes, s.feature_dim, s.roi_size, s.max_boxes) > 0,
          "semantic.num_objects/num_attributes/feature_dim/roi_size/max_boxes", "must be positive"),
-        (t.max_steps > 0, "train.max_steps", "must be positive"),
+        (t.max_steps >= 0 and t.epochs >= 0, "train.max_steps/epochs", "must be non-negative"),
+        (t.max_steps > 0 or t.epochs > 0, "train.max_steps", "must be positive, or 0 with train.epochs set"),
         (t.lr > 0, "train.lr", "must be positive"),
-        (0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", "must be in [0, train.max_steps]"),
+        (0 <= t.warmup_steps and (t.max_steps == 0 or t.warmup_steps <= t.max_steps), "train.warmup_steps",
+         "must be in [0, train.max_steps]"),
         (t.lr_decay in LR_DECAYS, "train.lr_decay", f"must be one of {LR_DECAYS}"),
+        (0 <= t.warmup_factor <= 1, "train.warmup_factor", "must be in [0, 1]"),
+        (t.warmup_factor == 0 or t.lr_decay == "multistep", "train.warmup_factor",
+         "applies to lr_decay multistep (transformers' linear, cosine and constant warm up from 0)"),
+        (t.lr_decay != "multistep" or t.warmup_steps == 0 or t.warmup_factor > 0, "train.warmup_factor",
+         "must be positive for a multistep warm-up (torch's LinearLR starts above 0; SOHO: 0.3333)"),
+        (t.lr_decay != "multistep" or bool(t.lr_milestones), "train.lr_milestones",
+         "must list at least one milestone for lr_decay multistep"),
+        (all(a < b for a, b in zip((0, *t.lr_milestones), t.lr_milestones)), "train.lr_milestones",
+         "must be positive and increasing"),
+        (t.epochs > 0 or all(float(m).is_integer() for m in t.lr_milestones), "train.lr_milestones",
+         "must be whole steps (or set train.epochs to give them in epochs)"),
+        (0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]"),
         (t.cnn_optimizer in CNN_OPTIMIZERS, "train.cnn_optimizer", f"must be one of {CNN_OPTIMIZERS}"),
         (0 <= t.cnn_momentum < 1, "train.cnn_momentum", "must be in [0, 1)"),
         (t.log_every > 0, "train.log_every", "must be positive"),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,6 +81,18 @@ def test_real_recipes_are_sohos():
     ("train:\n  lr: .inf\n", r"run.yaml: train.lr: must be a finite number, got inf"),
     ("train:\n  cnn_lr_mult: .nan\n", r"run.yaml: train.cnn_lr_mult: must be a finite number, got nan"),
     ("train:\n  lr: 0\n", r"run.yaml: train.lr must be positive"),
+    ("train:\n  max_steps: 0\n", r"run.yaml: train.max_steps must be positive, or 0 with train.epochs set"),
+    ("train:\n  lr_decay: step\n", r"run.yaml: train.lr_decay must be one of"),
+    ("train:\n  lr_decay: multistep\n  warmup_factor: 0.5\n", r"run.yaml: train.lr_milestones must list"),
+    ("train:\n  lr_decay: multistep\n  lr_milestones: [50]\n", r"train.warmup_factor must be positive for a "
+                                                                  r"multistep warm-up"),
+    ("train:\n  lr_decay: linear\n  warmup_factor: 0.3\n", r"train.warmup_factor applies to lr_decay multistep"),
+    ("train:\n  lr_decay: multistep\n  warmup_steps: 0\n  lr_milestones: [50, 20]\n",
+     r"train.lr_milestones must be positive and increasing"),
+    ("train:\n  lr_decay: multistep\n  warmup_steps: 0\n  lr_milestones: [2.5]\n",
+     r"train.lr_milestones must be whole steps \(or set train.epochs"),
+    ("train:\n  lr_decay: multistep\n  warmup_steps: 0\n  lr_milestones: [5]\n  lr_gamma: 0\n",
+     r"train.lr_gamma must be in \(0, 1\]"),
     ("train:\n  lr: -1.0e-4\n", r"run.yaml: train.lr must be positive"),
     ("data:\n  train_shards: [a, {name: b, shards: b}]\n", r"run.yaml: data.train_shards: give every entry as a "
                                                            r"source \{name, shards, weight\} or none; paths \['a'\]"),
@@ -225,6 +238,64 @@ def test_lr_schedule_is_transformers_warm_up_then_decay(world_of_one):
     assert cos == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
     const = _engine_lrs(TrainConfig(lr=0.5, max_steps=4, warmup_steps=1, lr_decay="constant"), 4)
     assert const == pytest.approx([0.0, 0.5, 0.5, 0.5])
+
+
+def test_multistep_schedule_warms_up_from_its_factor_and_steps_down_at_each_milestone(world_of_one):
+    """SOHO's schedule (mmcv's linear warm-up from 1/3, x0.1 at each milestone) through the engine, against
+    rates worked by hand: warm-up factor 1/3 + 2/3 * step/3 for three steps, then 1, x0.1 at steps 5 and 7."""
+    cfg = TrainConfig(lr=1.0, max_steps=9, warmup_steps=3, warmup_factor=1 / 3, lr_decay="multistep",
+                      lr_milestones=(5, 7), lr_gamma=0.1)
+    assert _engine_lrs(cfg, 9) == pytest.approx([1 / 3, 5 / 9, 7 / 9, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert _engine_lrs(dataclasses.replace(cfg, warmup_steps=0), 6) == pytest.approx([1, 1, 1, 1, 1, 0.1])
+
+
+def test_each_group_follows_the_schedule_from_its_own_rate_and_a_saved_schedule_resumes_exactly():
+    from soho_ds.runtime.engine import build_scheduler
+
+    cfg = TrainConfig(lr=1.0, max_steps=12, warmup_steps=4, warmup_factor=0.25, lr_decay="multistep",
+                      lr_milestones=(6, 9), lr_gamma=0.5)
+
+    def optimizer():
+        return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 100.0},
+                                {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}], lr=1.0)
+
+    def factor(step):  # by hand: the warm-up line from 0.25 to 1 over 4 steps, halved at 6 and at 9
+        return (0.25 + 0.75 * min(step, 4) / 4) * 0.5 ** sum(step >= m for m in (6, 9))
+
+    opt = optimizer()
+    schedule = build_scheduler(opt, cfg)
+    rates = []
+    for step in range(12):
+        rates.append([g["lr"] for g in opt.param_groups])
+        if step == 5:
+            saved = schedule.state_dict()
+        opt.step()
+        schedule.step()
+    assert rates == [pytest.approx([100 * factor(s), factor(s)]) for s in range(12)]
+    opt2 = optimizer()
+    resumed = build_scheduler(opt2, cfg)
+    resumed.load_state_dict(saved)
+    for group, rate in zip(opt2.param_groups, rates[5]):
+        group["lr"] = rate  # the optimizer's own state carries its rates (DeepSpeed restores both)
+    after = []
+    for _ in range(6, 12):
+        opt2.step()
+        resumed.step()
+        after.append([g["lr"] for g in opt2.param_groups])
+    assert after == [pytest.approx(r) for r in rates[6:]]
+
+
+def test_a_budget_in_epochs_becomes_steps_of_the_global_batch():
+    """SOHO's 40 epochs with steps at 25 and 35: an epoch is the training set over the global batch."""
+    cfg = TrainConfig(max_steps=0, epochs=40, warmup_steps=10, warmup_factor=1 / 3, lr_decay="multistep",
+                      lr_milestones=(25, 35))
+    steps = cfg.in_steps(samples=1000, global_batch=64, source="run.yaml")
+    assert (steps.max_steps, steps.lr_milestones, steps.epochs) == (625, (391.0, 547.0), 0.0)  # 15.625 per epoch
+    assert cfg.in_steps(1000, 64, "run.yaml") == steps and steps.in_steps(None, 64, "run.yaml") == steps
+    given = dataclasses.replace(cfg, max_steps=100).in_steps(1000, 64, "run.yaml")
+    assert given.max_steps == 100 and given.lr_milestones == (391.0, 547.0)  # an explicit budget wins
+    with pytest.raises(ConfigError, match=r"run.yaml: train.epochs needs the size of the training set"):
+        cfg.in_steps(None, 64, "run.yaml")
 
 
 def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_decay_on_norms():

@@ -41,6 +41,87 @@ def test_vd_assignment_and_ema_update_match_hand_computation():
     assert vd.usage.item() == pytest.approx(1.0)
 
 
+def released_update(embed, cluster_size, embed_avg, x, decay, eps):
+    """One training forward of the released SOHO module, written here from its formula (VQ-VAE's EMA
+    codebook): nearest entry by squared L2, one-hot counts and sums, running averages from zero,
+    Laplace-smoothed counts, every entry recomputed, and the updated entry returned."""
+    K = embed.shape[0]
+    distance = (x ** 2).sum(1, keepdim=True) - 2 * x @ embed.t() + (embed ** 2).sum(1)[None]
+    index = distance.argmin(1)
+    onehot = torch.nn.functional.one_hot(index, K).to(x.dtype)
+    cluster_size = cluster_size * decay + (1 - decay) * onehot.sum(0)
+    embed_avg = embed_avg * decay + (1 - decay) * (onehot.t() @ x)
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + K * eps) * n
+    embed = embed_avg / smoothed[:, None]
+    return embed, cluster_size, embed_avg, index, embed[index]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_official_variant_follows_the_released_update_step_for_step(seed):
+    """Six steps of clustered features (some entries never chosen) through model.vd_variant official
+    and through the transcription above, from the same random entries and zero statistics, γ 0.4 as in
+    the released config: the same entry for every feature, the same returned vectors, counts, sums and
+    entries (float32 sums in another order: to 1e-6)."""
+    g = torch.Generator().manual_seed(seed)
+    K, C, decay, eps = 16, 8, 0.4, 1e-5
+    vd = VisualDictionary(K, C, momentum=decay, eps=eps, variant="official").train()
+    assert not vd.ema_count.any() and not vd.ema_sum.any()  # zero-started, as released
+    embed, cluster_size, embed_avg = vd.embed.clone(), torch.zeros(K), torch.zeros(K, C)
+    centres = torch.randn(5, C, generator=g) * 3
+    for step in range(6):
+        x = centres[torch.randint(5, (40,), generator=g)] + 0.3 * torch.randn(40, C, generator=g)
+        q, index = vd(x)
+        vd.commit()
+        embed, cluster_size, embed_avg, ref_index, ref_q = released_update(embed, cluster_size, embed_avg, x,
+                                                                            decay, eps)
+        assert torch.equal(index, ref_index), step
+        torch.testing.assert_close(q, ref_q, rtol=1e-6, atol=1e-6)  # the entry after the update
+        torch.testing.assert_close(vd.ema_count, cluster_size, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(vd.ema_sum, embed_avg, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(vd.embed, embed, rtol=1e-6, atol=1e-6)
+    unused = cluster_size == 0
+    assert unused.any() and not vd.embed[unused].any()  # never chosen: exactly 0, as released
+
+
+def test_model_vd_variant_reaches_the_dictionary_from_a_yaml(tmp_path):
+    from soho_ds.config import ConfigError, load_config
+    from soho_ds.models.soho import SohoModel
+
+    (tmp_path / "run.yaml").write_text("model:\n  vd_variant: official\n  vd_momentum: 0.4\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    vd = SohoModel(tiny_model_config(vd_variant=cfg.model.vd_variant, vd_momentum=cfg.model.vd_momentum)).visual.vd
+    assert vd.official and vd.momentum == 0.4 and vd.restart_below == 0 and not vd.ema_count.any()
+    (tmp_path / "bad.yaml").write_text("model:\n  vd_variant: released\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.vd_variant must be one of \('official', 'soho_ds'\)"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_the_soho_ds_variant_departs_where_it_says_on_the_same_inputs():
+    """From the same entries, one step of each variant: official returns the updated entry and zeroes
+    what no feature chose; soho_ds returns the entry before the update, keeps unused entries, and its
+    statistics start as one feature per entry."""
+    torch.manual_seed(0)
+    official = VisualDictionary(3, 2, momentum=0.5, eps=1e-5, variant="official").train()
+    ours = VisualDictionary(3, 2, momentum=0.5, eps=1e-5, init_from_data=False, restart_below=0.0).train()
+    start = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+    for vd in (official, ours):
+        vd.embed.copy_(start)
+    ours.ema_sum.copy_(start)
+    x = torch.tensor([[0.1, 0.1], [0.9, 0.2], [1.1, -0.1]])  # entry 2 is never chosen
+    q_official, index = official(x)
+    official.commit()
+    q_ours, index_ours = ours(x)
+    ours.commit()
+    assert index.tolist() == index_ours.tolist() == [0, 1, 1]
+    torch.testing.assert_close(q_official, official.embed[index])  # straight-through: x + (e - x), to rounding
+    torch.testing.assert_close(q_ours, start[index])
+    assert torch.equal(official.embed[2], torch.zeros(2)) and torch.equal(ours.embed[2], start[2])
+    # official: n = 0.5 * c = [0.5, 1, 0]; m = 0.5 * s; ours: n = 0.5 + 0.5 * c = [1, 1.5, 0.5]
+    torch.testing.assert_close(official.ema_count, torch.tensor([0.5, 1.0, 0.0]))
+    torch.testing.assert_close(ours.ema_count, torch.tensor([1.0, 1.5, 0.5]))
+
+
 def test_vd_unused_entry_keeps_its_vector_and_eval_does_not_update():
     vd = hand_vd()
     vd(X[:3])  # nothing chooses entry 2

@@ -72,7 +72,7 @@ class VisualEmbedding(nn.Module):
         hidden = cfg.hidden_size
         self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), BatchNorm2d(hidden))
         self.vd = VisualDictionary(cfg.vd_size, hidden, cfg.vd_momentum, init_from_data=cfg.vd_init_from_data,
-                                   restart_below=cfg.vd_restart_below) if cfg.use_vd else None
+                                   restart_below=cfg.vd_restart_below, variant=cfg.vd_variant) if cfg.use_vd else None
         self.gate = nn.Linear(2 * hidden, 2) if cfg.use_vd else None
         self.out = nn.Linear(hidden, hidden)
         self.mask_embedding = nn.Parameter(torch.zeros(hidden))  # replaces MVM-masked tokens

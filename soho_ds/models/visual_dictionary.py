@@ -13,12 +13,20 @@ and every rank's "bad step" flag together) and applies them only where `ok` (a d
 finite inputs and loss) holds on every rank, so one bad batch never reaches the dictionary.
 Nothing in a training step reads a device value on the host.
 
-Departures from the public code, against codebook collapse (all features choosing one
-entry, seen here within 10 steps from a random init): the entries are initialised from
-real features of the first training batch, gathered from all ranks (once), and `maintain()`,
-which the trainer calls at its logging interval, re-seeds entries whose usage fell below
-`restart_below` of the average from features each rank keeps from its latest batch,
-all-gathered so that every rank picks the same ones.
+Two variants (`model.vd_variant`):
+
+- "official" is the released module's rule: the running counts and sums start at zero (an entry
+  no feature chose at the first update becomes exactly 0), every entry is recomputed at every
+  update, and the forward returns each feature's entry *after* this step's update, so the
+  update happens inside the forward (inputs that are not finite on some rank still leave the
+  dictionary unchanged; the loss cannot gate it). `commit` only closes the step.
+- "soho_ds" departs from it against codebook collapse (all features choosing one entry, seen
+  here within 10 steps from a random init): the entries are initialised from real features of
+  the first training batch, gathered from all ranks (once); `maintain()`, which the trainer calls
+  at its logging interval, re-seeds entries whose usage fell below `restart_below` of the
+  average from features each rank keeps from its latest batch, all-gathered so that every rank
+  picks the same ones; an entry no feature chose keeps its vector; the forward returns the
+  entry before the update, which waits for `commit` and the loss's verdict.
 """
 from __future__ import annotations
 
@@ -58,22 +66,31 @@ def _gather_candidates(x: torch.Tensor, weight: torch.Tensor | None, n: int) -> 
     return _all_gather(_draw(x, weight, math.ceil(n / world)))[:n]
 
 
+VARIANTS = ("official", "soho_ds")
+
+
 class VisualDictionary(nn.Module):
     # DeepSpeed keeps buffers named here in fp32 under bf16/fp16 training
     # ("keep_in_fp32_modules": "auto"); an EMA in bf16 would lose the small updates.
     _keep_in_fp32_modules_strict = ["embed", "ema_count", "ema_sum"]
 
     def __init__(self, num_entries: int = 2048, dim: int = 768, momentum: float = 0.99, eps: float = 1e-5,
-                 init_from_data: bool = True, restart_below: float = 0.01, reservoir: int = 64):
+                 init_from_data: bool = True, restart_below: float = 0.01, reservoir: int = 64,
+                 variant: str = "soho_ds"):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"VisualDictionary variant must be one of {VARIANTS}, got {variant!r}")
+        self.official = variant == "official"
+        if self.official:  # the released module has neither
+            init_from_data, restart_below = False, 0.0
         self.num_entries, self.dim, self.momentum, self.eps = num_entries, dim, momentum, eps
         self.restart_below, self.reservoir_size = restart_below, reservoir
         embed = torch.randn(num_entries, dim)
         self.register_buffer("embed", embed)  # (K, C) entries e_k
-        # EMA statistics start as "one feature equal to the entry", so e = m / n equals the
-        # initial entry until features arrive (zeros would divide to 0 or explode).
-        self.register_buffer("ema_count", torch.ones(num_entries))  # n_k
-        self.register_buffer("ema_sum", embed.clone())  # m_k
+        # official: the running statistics start at zero. soho_ds: as "one feature equal to the entry",
+        # so e = m / n equals the initial entry until features arrive.
+        self.register_buffer("ema_count", torch.zeros(num_entries) if self.official else torch.ones(num_entries))
+        self.register_buffer("ema_sum", torch.zeros_like(embed) if self.official else embed.clone())  # m_k
         self.register_buffer("initialised", torch.tensor(not init_from_data))
         self.register_buffer("usage", torch.zeros(()), persistent=False)  # fraction used in the last update
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))  # entries re-seeded so far
@@ -81,7 +98,7 @@ class VisualDictionary(nn.Module):
         # do (confirmed against the buffer by maintain()), this step's statistics until commit(), and
         # this rank's latest valid features (candidates for re-seeding).
         self._initialise = init_from_data
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | str | None = None  # "applied": official
         self._recent: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync_host_state())
 
@@ -140,11 +157,11 @@ class VisualDictionary(nn.Module):
         count = torch.where(ok, self.ema_count * g + counts * (1 - g), self.ema_count)
         total = count.sum()
         smoothed = (count + self.eps) / (total + K * self.eps) * total  # Laplace smoothing
-        used = (counts > 0) & ok
+        # soho_ds: entries no feature chose this step keep their vector (with the plain formula, the
+        # official one, a long-unused entry decays towards the origin and then captures stray features)
+        used = ok & ((counts > 0) | self.official)
         self.ema_sum.copy_(torch.where(ok, self.ema_sum * g + sums * (1 - g), self.ema_sum))
         self.ema_count.copy_(count)
-        # Entries no feature chose this step keep their vector: with the plain formula a long-unused
-        # entry decays towards the origin and then captures stray features.
         self.embed.copy_(torch.where(used[:, None], self.ema_sum / smoothed[:, None], self.embed))
         self.usage.copy_(torch.where(ok, (counts > 0).float().mean(), self.usage))
 
@@ -154,8 +171,10 @@ class VisualDictionary(nn.Module):
         after each training forward (SohoModel.commit calls it)."""
         if self._pending is None:
             raise RuntimeError("VisualDictionary.commit: no training forward to commit (commit once after each)")
-        stats, inputs_ok = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
+        if pending == "applied":  # official: the forward applied its update already
+            return
+        stats, inputs_ok = pending
         self.update(stats, inputs_ok if ok is None else inputs_ok & ok)
 
     @torch.no_grad()
@@ -201,8 +220,11 @@ class VisualDictionary(nn.Module):
             if self.restart_below > 0:
                 self._recent = _draw(safe, weight, self.reservoir_size)
         index = self.assign(safe)
-        quantised = self.embed[index].view_as(x).to(x.dtype)
-        if self.training:
+        if self.training and self.official:  # the entry after this step's update is returned
+            self.update(self.statistics(safe, index, weight), inputs_ok)
+            self._pending = "applied"
+        elif self.training:
             self._pending = (self.statistics(safe, index, weight), inputs_ok)
+        quantised = self.embed[index].view_as(x).to(x.dtype)
         # Straight-through: forward value is the entry, gradient flows to x unchanged.
         return x + (quantised - x).detach(), index.view(x.shape[:-1])

@@ -10,7 +10,7 @@ from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.pretrain.task import PretrainTask, check_shards
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
-from soho_ds.runtime.run import RunOptions, prepare, seed_rank
+from soho_ds.runtime.run import RunOptions, prepare, schedule_in_steps, seed_rank
 from soho_ds.runtime.trainer import StepHooks, Trainer
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def pretrain(config: str | Path, deepspeed_config: str | Path | dict, *, overrid
     `hooks`: attached to every step (runtime.trainer.StepHooks: counters, runtime.faults)."""
     options = RunOptions(config, deepspeed_config, tuple(overrides), resume, restart, precision)
     run = prepare(options, check=check_shards)
-    cfg, dist_info = run.cfg, run.dist
+    counts = [source.samples for source in run.checked["train"]]
+    cfg, dist_info = schedule_in_steps(run.cfg, None if None in counts else sum(counts), run.ds), run.dist
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
     log.info("model: %s parameters, %s backbone, %d-layer transformer, K=%d", count_parameters(module),
              cfg.model.backbone, cfg.model.num_layers, cfg.model.vd_size)

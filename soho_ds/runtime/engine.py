@@ -225,19 +225,34 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # transformers' names
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """The learning-rate schedule, stepped once per optimizer step (`cfg` in steps: TrainConfig.in_steps).
+    Every group's rate follows the same factor of its own peak. multistep is SOHO's (mmcv's linear warm-up
+    from warmup_factor, then x lr_gamma at each milestone), as torch's LinearLR chained with MultiStepLR."""
+    from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
+    from transformers import get_scheduler
+
+    if cfg.lr_decay != "multistep":
+        return get_scheduler(SCHEDULES[cfg.lr_decay], optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.max_steps)
+    decay = MultiStepLR(optimizer, milestones=[int(m) for m in cfg.lr_milestones], gamma=cfg.lr_gamma)
+    if cfg.warmup_steps == 0:
+        return decay
+    warmup = LinearLR(optimizer, start_factor=cfg.warmup_factor, end_factor=1.0, total_iters=cfg.warmup_steps)
+    return ChainedScheduler([warmup, decay], optimizer)
+
+
 def build_engine(module: nn.Module, cfg: TrainConfig, ds_config: dict, backbone_norm: str = "batch"):
     """Wraps `module` in a DeepSpeed engine (ZeRO as configured); returns the engine. Before that, the
     BatchNorms are synchronised for the world size (every driver alike: models.norm)."""
     import torch.distributed as dist
-    from transformers import get_scheduler
 
     from soho_ds.models.norm import synchronise_norms
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     module = synchronise_norms(module, backbone_norm, world)
     optimizer = build_optimizer(module, cfg)
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_decay], optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg)
     if isinstance(optimizer, SGDAdamW):  # DeepSpeed accepts a client optimizer it has not tested when told
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -8,6 +8,7 @@ rank, so a broken input costs seconds, not a model build.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from soho_ds.config import ConfigError, RunConfig, load_config
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, init_distributed
 from soho_ds.runtime.engine import PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config
-from soho_ds.runtime.log import RunLogger, setup_console
+from soho_ds.runtime.log import HISTORY, RunLogger, setup_console
 from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Run:
     checked: object = None  # what the driver's `check(cfg)` returned (pretraining: its shards, checked once)
 
 
-PREVIOUS_RUN = ("checkpoints", "tensorboard", "train.jsonl", "eval.jsonl")
+PREVIOUS_RUN = ("checkpoints", "tensorboard", "train.jsonl", "eval.jsonl", HISTORY)
 
 
 def check_output_dir(cfg: RunConfig, resume: str | None, restart: bool) -> bool:
@@ -115,6 +116,8 @@ def warn_about_restored_settings(cfg: RunConfig, ckpt_dir: Path) -> None:
             log.warning("train.%s is %r in %s but the checkpoint was trained with %r: the restored optimizer and "
                         "schedule keep %r (start a new run with --init to change it)", key, new, cfg.source, old, old)
     for key in ("warmup_steps", "lr_decay", "max_steps"):
+        if key == "max_steps" and now["epochs"] > 0:  # a budget in epochs is turned into steps after this
+            continue
         if before.get(key) is not None and before[key] != now[key]:
             log.warning("train.%s changed from %r to %r: the learning-rate schedule follows the new value from the "
                         "next step", key, before[key], now[key])
@@ -156,6 +159,19 @@ def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = No
     # not broadcast by the engine, so they must start identical.
     torch.manual_seed(derive(cfg.train.seed, "init"))
     return Run(cfg, ds, dist_info, logger, resume, checked)
+
+
+def schedule_in_steps(cfg: RunConfig, samples: int | None, ds: dict) -> RunConfig:
+    """The run config with train.epochs (budget, milestones) turned into optimizer steps of the global
+    batch; unchanged where the budget is in steps."""
+    if cfg.train.epochs <= 0:
+        return cfg
+    train = cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source)
+    log.info("train.epochs %g of %d samples at a global batch of %d: %d steps%s", cfg.train.epochs, samples,
+             ds["train_batch_size"], train.max_steps,
+             f", learning-rate milestones at steps {', '.join(str(int(m)) for m in train.lr_milestones)}"
+             if train.lr_milestones else "")
+    return dataclasses.replace(cfg, train=train)
 
 
 def seed_rank(cfg: RunConfig, dist_info: DistInfo) -> None:

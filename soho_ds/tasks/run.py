@@ -12,7 +12,7 @@ from soho_ds.config import ConfigError, RunConfig
 from soho_ds.models.weights import WeightsError
 from soho_ds.runtime.dist import fail_fast_on_peer_loss
 from soho_ds.runtime.engine import build_engine
-from soho_ds.runtime.run import RunOptions, prepare, seed_rank
+from soho_ds.runtime.run import RunOptions, prepare, schedule_in_steps, seed_rank
 from soho_ds.runtime.trainer import StepHooks, Trainer
 from soho_ds.tasks import TASKS
 from soho_ds.tasks.base import AnnotationError
@@ -51,6 +51,7 @@ def finetune(task_name: str, config: str | Path, deepspeed_config: str | Path | 
     if not eval_only and not task.train_examples:
         raise AnnotationError(f"{cfg.task.train_file}: no training examples (for vqa: task.train_answers too)")
     task.check_sizes(training=not eval_only)
+    cfg = schedule_in_steps(cfg, len(task.train_examples), run.ds)
     module = task.make_model()
     if start:
         try:

@@ -53,13 +53,11 @@ demo: $(DATA)/manifest.json $(BACKBONE)
 	    "a large red circle"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
-# Two workers: the suite waits on process start-up and single-threaded work as much as on arithmetic
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra -m "not slow"
 
 # Side-by-side benchmarks on whatever device is present; JSON + Markdown under benchmarks/.
 bench: $(STAMP)

@@ -33,28 +33,12 @@ def _sweep_orphaned_deepspeed_shm():
 _sweep_orphaned_deepspeed_shm()
 
 
-SHARED_RUNS = {"grounded": "grounded", "grounded_retrieval": "grounded", "grounded_vqa": "grounded",
-               "classifier_runs": "classifier_runs"}
-
-
 def pytest_collection_modifyitems(items):
     """A test that builds an engine in this process (the world_of_one fixture, directly or through a
-    trained-model fixture) trains: it is slow, and `make test-fast` leaves it out.
-
-    Under pytest-xdist (`make test` runs two workers) each worker makes its own session and module
-    fixtures, so the tests that share one expensive run are kept on one worker (`--dist loadgroup`):
-    those of a trained-model fixture together, and each module's tests that share a module fixture."""
+    trained-model fixture) trains: it is slow, and `make test-fast` leaves it out."""
     for item in items:
-        names = getattr(item, "fixturenames", ())
-        if "world_of_one" in names:
+        if "world_of_one" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        group = next((SHARED_RUNS[n] for n in names if n in SHARED_RUNS), None)
-        if group is None and hasattr(item, "_fixtureinfo"):
-            defs = item._fixtureinfo.name2fixturedefs
-            if any(defs[n][-1].scope == "module" for n in names if n in defs):
-                group = item.module.__name__
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def free_port() -> int:

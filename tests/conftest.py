@@ -7,10 +7,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores: oversubscribed torch threads spin
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from soho_ds.config import ModelConfig  # noqa: E402
 

@@ -227,8 +227,12 @@ class TrainConfig:
             raise ConfigError(f"{source}: train.epochs needs the size of the training set, which is not known "
                               "here (index the shards with soho-index-shards, or give train.max_steps)")
         per_epoch = samples / global_batch
-        return dataclasses.replace(self, epochs=0.0, max_steps=self.max_steps or math.ceil(self.epochs * per_epoch),
-                                   lr_milestones=tuple(float(round(m * per_epoch)) for m in self.lr_milestones))
+        steps = dataclasses.replace(self, epochs=0.0, max_steps=self.max_steps or math.ceil(self.epochs * per_epoch),
+                                    lr_milestones=tuple(float(round(m * per_epoch)) for m in self.lr_milestones))
+        if steps.warmup_steps > steps.max_steps:
+            raise ConfigError(f"{source}: train.warmup_steps {steps.warmup_steps} is more than the run's "
+                              f"{steps.max_steps} steps ({self.epochs:g} epochs of {samples} at {global_batch})")
+        return steps
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,8 @@ def test_a_budget_in_epochs_becomes_steps_of_the_global_batch():
     assert given.max_steps == 100 and given.lr_milestones == (391.0, 547.0)  # an explicit budget wins
     with pytest.raises(ConfigError, match=r"run.yaml: train.epochs needs the size of the training set"):
         cfg.in_steps(None, 64, "run.yaml")
+    with pytest.raises(ConfigError, match=r"run.yaml: train.warmup_steps 10 is more than the run's 7 steps"):
+        cfg.in_steps(samples=10, global_batch=64, source="run.yaml")  # 40 epochs of 10 images at 64: 7 steps
 
 
 def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_decay_on_norms():

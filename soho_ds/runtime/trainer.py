@@ -173,8 +173,8 @@ class Trainer:
         self.best_metric = cfg.train.best_metric or getattr(task, "best_metric", None)
         soho = getattr(engine.module, "model", None)
         self.flops = FlopModel(soho, dist_info.device) if soho is not None else None
-        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
-        self.peak_flops = device_peak_flops(dist_info.device, precision) * dist_info.world_size
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        self.peak_flops = device_peak_flops(dist_info.device, self.precision) * dist_info.world_size
         # each rank's (host, local rank): the slowest rank is named by host, the run's history holds the layout
         self.placement = [(host_name(), dist_info.local_rank)] * dist_info.world_size
         if dist_info.world_size > 1:
@@ -253,7 +253,7 @@ class Trainer:
         if own is not None:
             checkpoint.set_rng_state(own["rng"], self.task.rng_generators())
         # the run's counts go on with rank 0, whatever the world size: the sum over ranks stays the total
-        seen = checkpoint.saved_meta(self.ckpt_dir, checkpoint.latest_tag(self.ckpt_dir)).get("images_seen", {})
+        seen = checkpoint.saved_meta(self.ckpt_dir, tag).get("images_seen", {})
         self.task.load_data_state(own and own["data"], engine.global_steps, seen if self.dist.rank == 0 else {})
         digest = checkpoint.state_digest(engine)
         self.logger.info("state digest @ step %d: %s", engine.global_steps, checkpoint.format_digest(digest))
@@ -351,15 +351,15 @@ class Trainer:
         self.logger.info("training from step %d to %d; world size %d, micro-batch %d x accumulation %d = global "
                          "batch %d; precision %s; learning-rate schedule in steps of the global batch; TensorBoard: %s",
                          step, t.max_steps, self.dist.world_size, engine.train_micro_batch_size_per_gpu(),
-                         engine.gradient_accumulation_steps(), engine.train_batch_size(),
-                         {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32"), self.logger.log_dir)
+                         engine.gradient_accumulation_steps(), engine.train_batch_size(), self.precision,
+                         self.logger.log_dir)
         self.logger.record(self.history, {
             "event": "start", "step": step, "max_steps": t.max_steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "world_size": self.dist.world_size,
             "ranks": [{"host": host, "local_rank": local} for host, local in self.placement],
             "micro_batch": engine.train_micro_batch_size_per_gpu(),
             "accumulation": engine.gradient_accumulation_steps(), "global_batch": engine.train_batch_size(),
-            "precision": {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32"), **self._resumed})
+            "precision": self.precision, **self._resumed})
         self.logger.scalars(step, {"train/global_batch": engine.train_batch_size(),
                                    "train/grad_accumulation": engine.gradient_accumulation_steps()})
         first = values = None

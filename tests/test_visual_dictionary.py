@@ -85,8 +85,11 @@ def test_the_official_variant_follows_the_released_update_step_for_step(seed):
 
 
 def test_model_vd_variant_reaches_the_dictionary_from_a_yaml(tmp_path):
-    from soho_ds.config import ConfigError, load_config
+    from soho_ds.config import VD_VARIANTS, ConfigError, load_config
     from soho_ds.models.soho import SohoModel
+    from soho_ds.models.visual_dictionary import VARIANTS
+
+    assert VD_VARIANTS == VARIANTS  # the leaf config module lists the module's variants
 
     (tmp_path / "run.yaml").write_text("model:\n  vd_variant: official\n  vd_momentum: 0.4\n")
     cfg = load_config(tmp_path / "run.yaml")

@@ -85,6 +85,10 @@ def test_visual_genome_phrases_deduplicated_capped_and_coco_eval_images_left_out
             expected.append(p)
     assert by_key["vg_1"].captions == expected[:4] and all(c == c.strip() and "\n" not in c
                                                            for c in by_key["vg_1"].captions)
+    every = {r.key: r for r in sources.visual_genome(regions, tmp_path / "image_data.json",
+                                                     REALDATA / "visual_genome/images")}
+    assert len(expected) > 4 and every["vg_1"].captions == expected  # SOHO's data keeps them all
+    assert every["vg_1"].meta["phrases_kept"] == len(expected)
     manifest = write_shards(records, tmp_path / "vg", {"source": "vg"}, samples_per_shard=2, workers=1,
                             progress=False)
     assert manifest["counts"]["left_out"] == {"excluded split": 1}

@@ -4,7 +4,7 @@ indexed, with a manifest): one command per source.
     soho-convert coco --captions captions_train2014.json captions_val2014.json --images /data/coco \\
         --exclude-karpathy dataset_coco.json --out shards/coco
     soho-convert vg --regions region_descriptions.json --image-data image_data.json \\
-        --images /data/vg --exclude-karpathy dataset_coco.json --max-captions 10 --out shards/vg
+        --images /data/vg --exclude-karpathy dataset_coco.json --out shards/vg
     soho-convert tsv --tsv cc3m_downloaded.tsv --images /data/cc3m --out shards/cc3m     # caption<TAB>path
     soho-convert img2dataset --folder /data/cc12m_img2dataset --out shards/cc12m
     soho-convert sbu --json sbu-captions-all.json --images /data/sbu --out shards/sbu
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--regions", required=True, help="region_descriptions.json")
     s.add_argument("--image-data", required=True, help="image_data.json (coco_id, image folder)")
     s.add_argument("--images", required=True, help="holds VG_100K/ and VG_100K_2/")
-    s.add_argument("--max-captions", type=int, default=10, help="region phrases kept per image, after dedup")
+    s.add_argument("--max-captions", type=int, default=None,
+                   help="region phrases kept per image, after dedup (default: all, as SOHO's data)")
     s = sub.add_parser("tsv", parents=[common], help="caption + local path per line (CC3M, custom)")
     s.add_argument("--tsv", required=True)
     s.add_argument("--images", default=".", help="folder the paths are relative to")

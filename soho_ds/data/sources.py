@@ -141,10 +141,11 @@ def coco_captions(annotation_files: list[str | Path], images: str | Path, exclud
 
 
 def visual_genome(region_file: str | Path, image_data_file: str | Path, images: str | Path,
-                  exclude: dict | None = None, max_captions: int = 10) -> Iterator[Record]:
+                  exclude: dict | None = None, max_captions: int | None = None) -> Iterator[Record]:
     """Visual Genome's region_descriptions.json (v1.2, or v1.0's region layout) with image_data.json:
-    an image's region phrases, stripped and deduplicated (case-insensitive, first kept), at most
-    `max_captions`; images in COCO's Karpathy val/test (image_data's coco_id) are left out."""
+    an image's region phrases, stripped and deduplicated (case-insensitive, first kept), all of them as
+    SOHO's data has them (about 50 an image) or at most `max_captions`; images in COCO's Karpathy
+    val/test (image_data's coco_id) are left out."""
     exclude = exclude or {"ids": set(), "names": set()}
     info = {rec["image_id"]: rec for rec in read_json(image_data_file)}
     for entry in iter_json_list(region_file):
@@ -162,9 +163,10 @@ def visual_genome(region_file: str | Path, image_data_file: str | Path, images: 
             path = Path(images) / url_parts[-1]
         coco_id = rec.get("coco_id")
         drop = EXCLUDED if coco_id is not None and int(coco_id) in exclude["ids"] else (None if caps else NO_CAPTION)
-        yield Record(f"vg_{image_id}", str(path), caps[:max_captions],
+        caps = caps[:max_captions]
+        yield Record(f"vg_{image_id}", str(path), caps,
                      {"source": "visual_genome", "image_id": image_id, "coco_id": coco_id,
-                      "regions": len(entry["regions"]), "phrases_kept": min(len(caps), max_captions)}, drop)
+                      "regions": len(entry["regions"]), "phrases_kept": len(caps)}, drop)
 
 
 def caption_tsv(tsv: str | Path, images: str | Path, caption_col: int = 0, path_col: int = 1,

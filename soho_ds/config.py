@@ -175,6 +175,8 @@ class PretrainConfig:
 
 CNN_OPTIMIZERS = ("adamw", "sgd")
 VD_VARIANTS = ("official", "soho_ds")  # models.visual_dictionary.VARIANTS
+CLASSIFIER_HEADS = ("mlp", "soho")  # models.heads.CLASSIFIER_HEADS
+EPOCH_UNITS = ("samples", "caption_groups")
 LR_DECAYS = ("linear", "cosine", "constant", "multistep")
 
 
@@ -185,6 +187,9 @@ class TrainConfig:
     # Passes over the training set (its images for pretraining, its examples for a task) at the global
     # batch: with max_steps 0 the budget, and the unit of lr_milestones (SOHO: 40 epochs, steps at 25, 35)
     epochs: float = 0.0
+    # what an epoch passes over (pretraining): samples (images), or caption_groups: each image once per
+    # data.captions_per_image of its captions, rounded up (SOHO's epochs: a VG image with 50 phrases, 13 times)
+    epoch_unit: str = "samples"
     lr: float = 1e-4
     cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters (SOHO's SGD recipe: 100)
     head_lr_mult: float = 1.0  # for the heads (pretraining or task), which no checkpoint initialises
@@ -196,6 +201,7 @@ class TrainConfig:
     cnn_momentum: float = 0.9  # sgd only
     cnn_weight_decay: float = 1e-4  # sgd only
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # > 0: the warm-up is this share of the run's steps, in place of warmup_steps (ViLT: 0.1)
     # linear | cosine (to 0 at max_steps) | constant: transformers' schedules, warm-up from 0;
     # multistep: torch's LinearLR warm-up from warmup_factor x the rate, then x lr_gamma at each milestone
     lr_decay: str = "linear"
@@ -215,6 +221,8 @@ class TrainConfig:
     seed: int = 42
     collective_timeout_s: float = 600.0  # a rank that dies or hangs fails the others after this long
     max_skipped_steps: int = 20  # consecutive steps with non-finite inputs or loss before the run stops
+    # the gradient norm's cap, replacing the DeepSpeed JSON's gradient_clipping; None: the JSON's
+    gradient_clipping: float | None = None
     # fp16: the dynamic loss scale never rises above this (SOHO's apex setting: 128); 0: DeepSpeed's own rule
     max_loss_scale: float = 0.0
 
@@ -222,17 +230,23 @@ class TrainConfig:
         """This config with the budget and the milestones in optimizer steps: where train.epochs is set,
         an epoch is `samples` (the training set) over `global_batch`, rounded up for the budget."""
         if self.epochs <= 0:
-            return self
+            return self._warmup_from_ratio()
         if not samples:
             raise ConfigError(f"{source}: train.epochs needs the size of the training set, which is not known "
                               "here (index the shards with soho-index-shards, or give train.max_steps)")
         per_epoch = samples / global_batch
         steps = dataclasses.replace(self, epochs=0.0, max_steps=self.max_steps or math.ceil(self.epochs * per_epoch),
                                     lr_milestones=tuple(float(round(m * per_epoch)) for m in self.lr_milestones))
+        steps = steps._warmup_from_ratio()
         if steps.warmup_steps > steps.max_steps:
             raise ConfigError(f"{source}: train.warmup_steps {steps.warmup_steps} is more than the run's "
                               f"{steps.max_steps} steps ({self.epochs:g} epochs of {samples} at {global_batch})")
         return steps
+
+    def _warmup_from_ratio(self) -> TrainConfig:
+        if self.warmup_ratio <= 0 or self.max_steps <= 0:
+            return self
+        return dataclasses.replace(self, warmup_steps=round(self.warmup_ratio * self.max_steps), warmup_ratio=0.0)
 
 
 @dataclass(frozen=True)
@@ -259,9 +273,11 @@ class SemanticConfig:
 class TaskConfig:
     """A downstream task: its annotation files in their official formats and the image folder."""
     name: str = ""  # retrieval | vqa | nlvr2 | snli_ve (soho_ds.tasks.TASKS)
-    train_file: str | None = None  # retrieval: Karpathy JSON / COCO captions JSON; vqa: questions JSON; jsonl
+    # retrieval: Karpathy JSON / COCO captions JSON; vqa: questions JSON, or a list of them trained on
+    # together (SOHO's test-dev setting: train + val); nlvr2 / snli_ve: their JSON lines
+    train_file: str | tuple[str, ...] | None = None
     eval_file: str | None = None  # the split evaluated (val / dev / test)
-    train_answers: str | None = None  # vqa: annotations JSON for train_file
+    train_answers: str | tuple[str, ...] | None = None  # vqa: annotations JSON for train_file (a list: one each)
     eval_answers: str | None = None  # vqa: annotations for eval_file; none for test-dev (results file only)
     image_root: str = ""
     # relative to image_root; vqa fills {subtype} from the questions file's data_subtype (train2014, ...)
@@ -272,6 +288,7 @@ class TaskConfig:
     num_answers: int = 3129  # vqa: answer vocabulary size
     eval_batch: int = 64  # pairs scored per forward pass during retrieval evaluation
     eval_folds: int = 1  # retrieval: also report the mean over this many folds (COCO 1k: 5 folds of 1k images)
+    head: str = "mlp"  # classifier heads (vqa, nlvr2, snli_ve): mlp | soho (models.heads.classifier_head)
     head_dropout: float = 0.1
 
 
@@ -409,6 +426,10 @@ def _check_values(cfg: RunConfig) -> None:
         (0.0 <= m.vd_momentum < 1.0, "model.vd_momentum", "must be in [0, 1)"),
         (0.0 <= m.vd_restart_below < 1.0, "model.vd_restart_below", "must be in [0, 1)"),
         (m.vd_variant in VD_VARIANTS, "model.vd_variant", f"must be one of {VD_VARIANTS}, got {m.vd_variant!r}"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)"),
+        (t.epoch_unit in EPOCH_UNITS, "train.epoch_unit", f"must be one of {EPOCH_UNITS}, got {t.epoch_unit!r}"),
+        (cfg.task.head in CLASSIFIER_HEADS, "task.head", f"must be one of {CLASSIFIER_HEADS}, got {cfg.task.head!r}"),
+        (0.0 <= cfg.task.head_dropout < 1.0, "task.head_dropout", "must be in [0, 1)"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.pooling in POOLINGS, "model.pooling", f"must be one of {POOLINGS}, got {m.pooling!r}"),
         (m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm",
@@ -464,6 +485,8 @@ def _check_values(cfg: RunConfig) -> None:
          "needs pretrain.itc_weight > 0: retrieval's first stage ranks by the ITC projections"),
         (t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1"),
         (t.max_loss_scale == 0 or t.max_loss_scale >= 1, "train.max_loss_scale", "must be 0 (no cap) or at least 1"),
+        (t.gradient_clipping is None or t.gradient_clipping >= 0, "train.gradient_clipping",
+         "must be at least 0 (0: no clipping) or null (the DeepSpeed JSON's)"),
         (cfg.task.missing_images in ("error", "skip"), "task.missing_images", "must be error or skip"),
         (cfg.task.eval_folds >= 1, "task.eval_folds", "must be at least 1"),
     ]
@@ -482,16 +505,34 @@ def _validate(cfg: RunConfig) -> None:
     k = cfg.task
     if k.name and (not k.eval_file or not k.image_root):
         raise ConfigError(f"{cfg.source}: task.eval_file and task.image_root are required")
-    for key, path in (("model.backbone_weights", m.backbone_weights), ("model.bert_dir", m.bert_dir),
-                      ("data.tokenizer_dir", d.tokenizer_dir), ("task.train_file", k.train_file),
-                      ("task.eval_file", k.eval_file), ("task.train_answers", k.train_answers),
-                      ("task.eval_answers", k.eval_answers), ("task.image_root", k.image_root or None)):
+    lists = {key: v for key, v in (("task.train_file", k.train_file), ("task.train_answers", k.train_answers))
+             if isinstance(v, tuple)}
+    if lists and k.name != "vqa":
+        raise ConfigError(f"{cfg.source}: {' and '.join(lists)}: a list of files is read by the vqa task only, "
+                          f"not {k.name or 'pretraining'}")
+    if k.name == "vqa" and k.train_answers is not None and (
+            isinstance(k.train_file, tuple) or isinstance(k.train_answers, tuple)):
+        questions, answers = as_list(k.train_file), as_list(k.train_answers)
+        if len(questions) != len(answers):
+            raise ConfigError(f"{cfg.source}: task.train_file lists {len(questions)} question files and "
+                              f"task.train_answers {len(answers)} annotation files: give one for each")
+    paths = [("model.backbone_weights", m.backbone_weights), ("model.bert_dir", m.bert_dir),
+             ("data.tokenizer_dir", d.tokenizer_dir), ("task.eval_file", k.eval_file),
+             ("task.eval_answers", k.eval_answers), ("task.image_root", k.image_root or None)]
+    paths += [("task.train_file", p) for p in as_list(k.train_file)]
+    paths += [("task.train_answers", p) for p in as_list(k.train_answers)]
+    for key, path in paths:
         try:
             exists = path is None or Path(resolve_local_dir(path)).exists()
         except FileNotFoundError as e:
             raise ConfigError(f"{cfg.source}: {key}: {e}") from None
         if not exists:
             raise ConfigError(f"{cfg.source}: {key} path does not exist: {path}")
+
+
+def as_list(value: str | tuple[str, ...] | None) -> list[str]:
+    """A file key that takes one path or a list of them, as a list."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -56,6 +56,66 @@ def test_real_recipes_are_sohos():
                                                            "task.image_root=/"])
     assert vqa.data.train_shorter_sides == (400, 500, 600, 700, 800) and vqa.data.shorter_side == 600
     assert vqa.data.longer_side == 1000 and not vqa.model.use_vd and "{subtype}" in vqa.task.image_pattern
+    # the schedule, budget and dictionary of the released config
+    t = coco.train
+    assert (t.max_steps, t.epochs, t.epoch_unit, t.lr_decay, t.lr_milestones) == (0, 40, "caption_groups", "multistep",
+                                                                              (25, 35))
+    assert (t.warmup_steps, round(t.warmup_factor, 4), t.lr_gamma, t.max_loss_scale) == (500, 0.3333, 0.1, 128)
+    assert (coco.model.vd_variant, coco.model.vd_momentum, coco.data.captions_per_image) == ("official", 0.4, 4)
+    # VQA: SOHO's head, optimiser groups, clipping and schedule, trained on train + val
+    shipped = yaml.safe_load((ROOT / "configs/finetune_vqa.yaml").read_text())["task"]
+    assert [Path(f).name for f in shipped["train_file"]] == ["v2_OpenEnded_mscoco_train2014_questions.json",
+                                                             "v2_OpenEnded_mscoco_val2014_questions.json"]
+    assert len(shipped["train_answers"]) == 2 and shipped["eval_answers"] is None
+    assert (vqa.task.head, vqa.task.head_dropout, vqa.task.num_answers) == ("soho", 0.5, 3129)
+    v = vqa.train
+    assert (v.epochs, v.lr_decay, v.lr_milestones, v.gradient_clipping) == (20, "multistep", (12, 16), 4.0)
+    assert (v.lr, v.cnn_optimizer, v.cnn_lr_mult, v.cnn_momentum) == (1e-4, "sgd", 100, 0.9)
+
+
+def test_a_recipes_clipping_replaces_the_deepspeed_jsons():
+    from soho_ds.runtime.engine import with_gradient_clipping
+
+    ds = load_ds_config(ROOT / "ds_configs/zero2.json")
+    assert with_gradient_clipping(ds, None) == ds and ds["gradient_clipping"] == 10.0
+    assert with_gradient_clipping(ds, 4.0) == {**ds, "gradient_clipping": 4.0} and ds["gradient_clipping"] == 10.0
+
+
+def test_classifier_heads_are_the_modules_named(tmp_path):
+    from torch import nn
+
+    from soho_ds.config import CLASSIFIER_HEADS
+    from soho_ds.models import heads
+
+    assert CLASSIFIER_HEADS == heads.CLASSIFIER_HEADS  # the leaf config module lists the module's heads
+    soho = heads.classifier_head("soho", 768, 768, 3129, 0.5)
+    assert [type(m) for m in soho] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (soho[0].in_features, soho[0].out_features, soho[2].p, soho[3].out_features) == (768, 3072, 0.5, 3129)
+    mlp = heads.classifier_head("mlp", 128, 64, 2)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.GELU, nn.LayerNorm, nn.Dropout, nn.Linear]
+    assert (mlp[0].in_features, mlp[0].out_features) == (128, 128)
+    run = tmp_path / "run.yaml"
+    run.write_text("task:\n  name: vqa\n  head: lstm\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: task.head must be one of \('mlp', 'soho'\), got 'lstm'"):
+        load_config(run)
+
+
+@pytest.mark.parametrize("task, text, message", [
+    ("nlvr2", "  train_file: [a.json, b.json]\n", r"task.train_file: a list of files is read by the vqa task only"),
+    ("vqa", "  train_file: [{q}, {q}]\n  train_answers: [{a}]\n",
+     r"task.train_file lists 2 question files and task.train_answers 1 annotation files"),
+    ("vqa", "  train_file: [{q}, {missing}]\n  train_answers: [{a}, {a}]\n",
+     r"task.train_file path does not exist: .*/missing.json"),
+])
+def test_a_list_of_training_files_is_vqas_and_pairs_questions_with_answers(tmp_path, task, text, message):
+    q, a = tmp_path / "q.json", tmp_path / "a.json"
+    q.write_text("{}")
+    a.write_text("{}")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"task:\n  name: {task}\n  eval_file: {q}\n  image_root: {tmp_path}\n"
+                   + text.format(q=q, a=a, missing=tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match=message):
+        load_config(run)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -298,6 +358,10 @@ def test_a_budget_in_epochs_becomes_steps_of_the_global_batch():
         cfg.in_steps(None, 64, "run.yaml")
     with pytest.raises(ConfigError, match=r"run.yaml: train.warmup_steps 10 is more than the run's 7 steps"):
         cfg.in_steps(samples=10, global_batch=64, source="run.yaml")  # 40 epochs of 10 images at 64: 7 steps
+    # ViLT's warm-up: a tenth of the run, whichever way the budget is given
+    vilt = TrainConfig(max_steps=0, epochs=10, warmup_steps=100, warmup_ratio=0.1, lr_decay="linear")
+    assert vilt.in_steps(1000, 64, "run.yaml").warmup_steps == 16  # 157 steps
+    assert TrainConfig(max_steps=2000, warmup_ratio=0.1).in_steps(None, 64, "run.yaml").warmup_steps == 200
 
 
 def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_decay_on_norms():
@@ -434,3 +498,37 @@ def test_each_parts_rate_follows_the_schedule_times_its_multiplier(world_of_one)
     assert seen == [pytest.approx({"cnn": 5.0, "transformer": 0.5, "head": 2.5}),
                     pytest.approx({"cnn": 10.0, "transformer": 1.0, "head": 5.0}),
                     pytest.approx({"cnn": 5.0, "transformer": 0.5, "head": 2.5})]
+
+
+def test_an_epoch_of_caption_groups_counts_each_image_once_per_group_of_its_captions(tmp_path):
+    """SOHO's epoch walks every image's captions 4 at a time: images with 1, 5 and 9 captions are 1 + 2 + 3
+    groups. The counts come from the shard indexes; an index without them is refused, naming the fix."""
+    from PIL import Image
+
+    from soho_ds.data.convert import write_shards
+    from soho_ds.data.shards import index_shards, list_shards, read_record, record_path
+    from soho_ds.data.sources import Record
+    from soho_ds.pretrain.task import check_shards
+
+    records = []
+    for i, n in enumerate((1, 5, 9)):
+        Image.new("RGB", (64, 48), (60 * i, 90, 120)).save(tmp_path / f"{i}.jpg")
+        records.append(Record(f"img{i}", str(tmp_path / f"{i}.jpg"), [f"caption {k} of image {i}" for k in range(n)]))
+    write_shards(records, tmp_path / "shards", {"source": "test"}, samples_per_shard=2, workers=1, progress=False)
+    sets = [f"data.train_shards={tmp_path}/shards", "data.val_shards=null", "model.backbone_weights=null",
+            "train.max_steps=0", "train.epochs=40", "train.warmup_steps=1"]
+    by_group = check_shards(load_config(ROOT / "configs/pretrain_synthetic.yaml",
+                                        sets + ["train.epoch_unit=caption_groups"]))["train"][0]
+    assert (by_group.samples, by_group.caption_groups) == (3, 6)
+    assert check_shards(load_config(ROOT / "configs/pretrain_synthetic.yaml", sets))["train"][0].caption_groups is None
+
+    first = list_shards(str(tmp_path / "shards"))[0]
+    record = read_record(first)
+    del record["captions"]  # an index written before the counts existed
+    Path(record_path(first)).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"data.train_shards: train.epoch_unit caption_groups counts each sample's "
+                                          r"captions .* index them again with soho-index-shards"):
+        check_shards(load_config(ROOT / "configs/pretrain_synthetic.yaml", sets + ["train.epoch_unit=caption_groups"]))
+    index_shards(str(tmp_path / "shards"))
+    assert check_shards(load_config(ROOT / "configs/pretrain_synthetic.yaml",
+                                    sets + ["train.epoch_unit=caption_groups"]))["train"][0].caption_groups == 6

@@ -222,6 +222,43 @@ def test_each_vqa_split_finds_its_own_images_through_the_subtype(tmp_path, world
 
 
 @needs_realdata
+def test_vqa_trains_on_several_files_together_and_test_dev_finds_the_test2015_images(tmp_path, world_of_one):
+    """SOHO's test-dev setting: train + val questions (each with its annotations) trained on together,
+    each file's images through its own subtype; the test-dev questions (data_subtype test-dev2015)
+    read their images from test2015/, where COCO keeps them."""
+    from conftest import tiny_model_config
+    from soho_ds.config import RunConfig, TaskConfig
+    from soho_ds.tasks.vqa import VQATask
+
+    fixture = REALDATA / "vqa_v2/allennlp_fixture"
+    val = json.loads((fixture / "questions.json").read_text())
+    val["data_subtype"] = "val2014"
+    val["questions"] = [{"image_id": 262148, "question": "Where is he looking?", "question_id": 262148000}]
+    (tmp_path / "val_questions.json").write_text(json.dumps(val))
+    (tmp_path / "val_annotations.json").write_text(json.dumps({"annotations": [
+        {"question_id": 262148000, "image_id": 262148, "answers": [{"answer": "down"}] * 10}]}))
+    test_dev = {**val, "data_subtype": "test-dev2015",
+                "questions": [{"image_id": 393225, "question": "What is the man doing?", "question_id": 1}]}
+    (tmp_path / "test_dev.json").write_text(json.dumps(test_dev))
+    for folder, name in (("train2014", "COCO_train2014_000000458752.jpg"), ("val2014", "COCO_val2014_000000262148.jpg"),
+                         ("test2015", "COCO_test2015_000000393225.jpg")):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        real = next((REALDATA / "coco/images").glob(f"*{name[-16:]}"))
+        (tmp_path / "images" / folder / name).symlink_to(real)
+    task_cfg = TaskConfig(name="vqa", train_file=(str(fixture / "questions.json"), str(tmp_path / "val_questions.json")),
+                          train_answers=(str(fixture / "annotations.json"), str(tmp_path / "val_annotations.json")),
+                          eval_file=str(tmp_path / "test_dev.json"), image_root=str(tmp_path / "images"),
+                          image_pattern="{subtype}/COCO_{subtype}_{image_id:012d}.jpg", num_answers=10)
+    task = VQATask(RunConfig(model=tiny_model_config(), task=task_cfg), world_of_one, micro_batch=2)
+    train = read_vqa(fixture / "questions.json", fixture / "annotations.json")
+    assert len(task.train_examples) == len(train) + 1 and task.train_examples[-1].answers == ("down",) * 10
+    assert {task.image_name(q) for q in task.train_examples} == {"train2014/COCO_train2014_000000458752.jpg",
+                                                                "val2014/COCO_val2014_000000262148.jpg"}
+    assert "down" in task.vocab  # the answer vocabulary counts both files
+    assert [task.image_name(q) for q in task.eval_questions] == ["test2015/COCO_test2015_000000393225.jpg"]
+
+
+@needs_realdata
 def test_nlvr2_reader_on_real_dev_lines_and_images():
     from soho_ds.data.pipeline import ImageFileDecoder, ImageSpec
 

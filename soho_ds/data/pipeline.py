@@ -31,9 +31,9 @@ from nvidia.dali.tensors import TensorGPU
 from soho_ds.config import DataConfig, ReportedError, ShardSource
 from soho_ds.data import storage
 from soho_ds.data.regions import BOXES_EXT, FEATURES_EXT, RegionSpec, RegionTargets
-from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, check_manifest, decode_meta, fix_command,
-                                 indexed_sample_count, list_shards, sample_sizes, shard_fingerprint,
-                                 summarise_losses, trusted_index_paths)
+from soho_ds.data.shards import (IMAGE_EXTS, ImageChecker, ShardError, caption_group_count, check_manifest,
+                                 decode_meta, fix_command, indexed_sample_count, list_shards, sample_sizes,
+                                 shard_fingerprint, summarise_losses, trusted_index_paths)
 from soho_ds.seeds import derive
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,15 @@ class CheckedShards:
     index_paths: tuple[str, ...] | None  # None: not indexed (DALI scans each tar; nothing was checked)
     samples: int | None  # as the indexes list them; None when not indexed
     fingerprint: list  # what saved data positions refer to (shards.shard_fingerprint)
+    caption_groups: int | None = None  # samples counted once per `captions_per_group` captions (SOHO's epoch)
 
 
-def check_source(source: ShardSource, regions: RegionSpec | None = None, report: bool = True) -> CheckedShards:
+def check_source(source: ShardSource, regions: RegionSpec | None = None, report: bool = True,
+                 captions_per_group: int = 0) -> CheckedShards:
     """Lists a source's shards and checks them: indexes current and complete (`trusted_index_paths`), sample
     counts as the manifest records, the detector members present when `regions` are read. `report`: log
-    what the converter's checker left out (one rank says it)."""
+    what the converter's checker left out (one rank says it). With `captions_per_group`, also counts the
+    groups of that many captions (`shards.caption_group_count`)."""
     paths = list_shards(source.shards)
     index_paths = trusted_index_paths(paths)
     if index_paths is None:
@@ -248,7 +251,8 @@ def check_source(source: ShardSource, regions: RegionSpec | None = None, report:
         if regions is not None:
             _require_members(index_paths, [BOXES_EXT] + ([FEATURES_EXT] if regions.features else []))
     return CheckedShards(source.name, source.weight, tuple(paths), None if index_paths is None else tuple(index_paths),
-                         None if index_paths is None else indexed_sample_count(paths), shard_fingerprint(paths))
+                         None if index_paths is None else indexed_sample_count(paths), shard_fingerprint(paths),
+                         caption_group_count(paths, captions_per_group) if index_paths and captions_per_group else None)
 
 
 def as_sources(shards) -> list[ShardSource | CheckedShards]:

@@ -304,8 +304,8 @@ def _index_file(local: str, tar: str, stamp: dict, checker: ImageChecker | None)
         return record
     checker = checker or ImageChecker()
     size = stamp["tar_size"]
-    kept, sizes, keys, skipped, lost = [], [], [], [], []
-    candidates = []  # (key, members, image bytes)
+    kept, sizes, keys, caption_counts, skipped, lost = [], [], [], [], [], []
+    candidates = []  # (key, members, image bytes, captions)
     seen: set[str] = set()
     with open(local, "rb") as f:
         def read(member):
@@ -330,26 +330,27 @@ def _index_file(local: str, tar: str, stamp: dict, checker: ImageChecker | None)
                 reason = "no .json member"
             else:
                 try:
-                    decode_meta(read(by_ext["json"]), f"{tar}:{key}")
+                    captions = len(decode_meta(read(by_ext["json"]), f"{tar}:{key}")["captions"])
                 except ValueError as e:
                     reason = str(e).split(": ", 1)[-1]
             seen.add(key)
             if reason:
                 skipped.append({"key": key, "reason": reason})
             else:
-                candidates.append((key, members, read(by_ext[image_ext])))
-    for (key, members, _), result in zip(candidates, checker([c[2] for c in candidates])):
+                candidates.append((key, members, read(by_ext[image_ext]), captions))
+    for (key, members, _, captions), result in zip(candidates, checker([c[2] for c in candidates])):
         if isinstance(result, str):
             skipped.append({"key": key, "reason": result})
         else:
             kept.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in members))
             sizes.append(list(result))
             keys.append(key)
+            caption_counts.append(captions)
     if not ends_properly:
         lost.append({"key": None, "reason": "no end-of-archive marker: the tar was cut short; samples written "
                                             "after the last complete one are lost"})
     record = {"version": INDEX_VERSION, **stamp, "kept": len(kept), "skipped": skipped, "lost": lost,
-              "truncated": not ends_properly, "sizes": sizes, "keys": keys}
+              "truncated": not ends_properly, "sizes": sizes, "keys": keys, "captions": caption_counts}
     if not kept:
         storage.remove(idx)
         record["error"] = "no sample passed the checks"
@@ -436,7 +437,8 @@ def _leave_out_repeated_keys(paths: list[str]) -> list[tuple[str, str, str]]:
             key = record["keys"][i]
             repeated.append((tar, key, first[key]))
             record["skipped"].append({"key": key, "reason": f"duplicate key (also in {first[key]})"})
-        record.update(kept=len(keep), sizes=[record["sizes"][i] for i in keep], keys=[record["keys"][i] for i in keep])
+        record.update(kept=len(keep), sizes=[record["sizes"][i] for i in keep], keys=[record["keys"][i] for i in keep],
+                      **({"captions": [record["captions"][i] for i in keep]} if "captions" in record else {}))
         if keep:
             _write_atomically(index_path(tar), f"v1.2 {len(keep)}\n" + "\n".join(lines[i] for i in keep) + "\n")
         else:
@@ -552,6 +554,16 @@ def indexed_sample_count(paths: list[str]) -> int | None:
     if any(r is None or "kept" not in r for r in records):
         return None
     return sum(r["kept"] for r in records)
+
+
+def caption_group_count(paths: list[str], group: int) -> int | None:
+    """How many groups of `group` captions the indexed samples of `paths` hold, each sample's rounded up
+    (SOHO's epoch: an image with 50 phrases counts 13 times at 4 captions a step). None if any index
+    predates caption counts."""
+    records = [read_record(p) for p in paths]
+    if any(r is None or "captions" not in r for r in records):
+        return None
+    return sum(-(-n // group) for r in records for n in r["captions"])
 
 
 def summarise_losses(paths: list[str]) -> str | None:

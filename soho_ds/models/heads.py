@@ -98,7 +98,18 @@ class ContrastiveHead(nn.Module):
         return self.embed_image(visual_tokens, valid), self.embed_text(text_cls)
 
 
-def mlp_classifier(in_features: int, hidden_features: int, out_features: int, dropout: float = 0.1) -> nn.Sequential:
-    """The downstream answer/label head: Linear, GELU, LayerNorm, Dropout, Linear (UNITER/ViLT style)."""
-    return nn.Sequential(nn.Linear(in_features, hidden_features), nn.GELU(), nn.LayerNorm(hidden_features),
-                         nn.Dropout(dropout), nn.Linear(hidden_features, out_features))
+CLASSIFIER_HEADS = ("mlp", "soho")
+
+
+def classifier_head(kind: str, in_features: int, hidden_size: int, out_features: int,
+                    dropout: float = 0.1) -> nn.Sequential:
+    """The downstream answer/label head, for a transformer of width `hidden_size` (H).
+    mlp: Linear to 2H, GELU, LayerNorm, Dropout, Linear (UNITER/ViLT style);
+    soho: Linear to 4H, ReLU, Dropout, Linear (SOHO's VQA head: 768 -> 3072 -> 3129, dropout 0.5)."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_features, 2 * hidden_size), nn.GELU(), nn.LayerNorm(2 * hidden_size),
+                             nn.Dropout(dropout), nn.Linear(2 * hidden_size, out_features))
+    if kind == "soho":
+        return nn.Sequential(nn.Linear(in_features, 4 * hidden_size), nn.ReLU(), nn.Dropout(dropout),
+                             nn.Linear(4 * hidden_size, out_features))
+    raise ValueError(f"classifier head {kind!r} is not one of {CLASSIFIER_HEADS}")

@@ -35,8 +35,9 @@ def pretrain(config: str | Path, deepspeed_config: str | Path | dict, *, overrid
     `hooks`: attached to every step (runtime.trainer.StepHooks: counters, runtime.faults)."""
     options = RunOptions(config, deepspeed_config, tuple(overrides), resume, restart, precision)
     run = prepare(options, check=check_shards)
-    counts = [source.samples for source in run.checked["train"]]
-    cfg, dist_info = schedule_in_steps(run.cfg, None if None in counts else sum(counts), run.ds), run.dist
+    unit = run.cfg.train.epoch_unit
+    counts = [source.caption_groups if unit == "caption_groups" else source.samples for source in run.checked["train"]]
+    cfg, dist_info = schedule_in_steps(run.cfg, None if None in counts else sum(counts), run.ds, unit), run.dist
     module = SohoPretrainer(cfg.model, cfg.pretrain, cfg.semantic)
     log.info("model: %s parameters, %s backbone, %d-layer transformer, K=%d", count_parameters(module),
              cfg.model.backbone, cfg.model.num_layers, cfg.model.vd_size)

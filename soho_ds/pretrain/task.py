@@ -44,9 +44,14 @@ def check_shards(cfg: RunConfig) -> dict[str, list[CheckedShards]]:
         checked[kind] = []
         for key, source, regions in entries:
             try:
-                checked[kind].append(check_source(source, regions, report=kind == "train"))
+                groups = d.captions_per_image if kind == "train" and cfg.train.epoch_unit == "caption_groups" else 0
+                checked[kind].append(check_source(source, regions, report=kind == "train", captions_per_group=groups))
             except (FileNotFoundError, ShardError) as e:
                 raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+            if groups and cfg.train.epochs > 0 and checked[kind][-1].caption_groups is None:
+                raise ConfigError(f"{cfg.source}: {key}: train.epoch_unit caption_groups counts each sample's "
+                                  f"captions from the shard indexes, and these have none (unindexed, or indexed "
+                                  f"before the counts existed): index them again with soho-index-shards")
     return checked
 
 

@@ -78,6 +78,12 @@ def resolve_batch(ds: dict, world_size: int, source: str) -> dict:
     return {**ds, "train_batch_size": glob, "gradient_accumulation_steps": accum}
 
 
+def with_gradient_clipping(ds: dict, clipping: float | None) -> dict:
+    """The DeepSpeed config with the run config's `train.gradient_clipping` in place of its own (None:
+    unchanged): a recipe's cap travels with its YAML, whichever JSON the command line names."""
+    return ds if clipping is None else {**ds, "gradient_clipping": float(clipping)}
+
+
 def validate_ds_config(ds: dict, source: str) -> None:
     """Runs DeepSpeed's own config model over `ds` (batch fields already resolved), so that a bad
     value (ZeRO stage 7, a string where a number belongs) is refused now, with the file named."""

@@ -23,7 +23,8 @@ from soho_ds import saved
 from soho_ds.config import ConfigError, RunConfig, load_config
 from soho_ds.runtime import checkpoint
 from soho_ds.runtime.dist import DistInfo, init_distributed
-from soho_ds.runtime.engine import PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config
+from soho_ds.runtime.engine import (PRECISIONS, load_ds_config, resolve_batch, resolve_precision, validate_ds_config,
+                                    with_gradient_clipping)
 from soho_ds.runtime.log import HISTORY, RunLogger, setup_console
 from soho_ds.seeds import derive
 
@@ -134,6 +135,8 @@ def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = No
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_source = options.deepspeed_config if not isinstance(options.deepspeed_config, dict) else "deepspeed_config"
     ds = resolve_batch(load_ds_config(options.deepspeed_config), world, ds_source)
+    json_clipping = ds.get("gradient_clipping")
+    ds = with_gradient_clipping(ds, cfg.train.gradient_clipping)
     validate_ds_config(ds, ds_source)
     checked = check(cfg) if check is not None else None
     ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
@@ -146,6 +149,9 @@ def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = No
     if torch.distributed.is_initialized() and dist_info.world_size > 1:
         torch.distributed.barrier()  # the earlier run is out of the way on every rank's view
     ds = resolve_precision(ds, dist_info.device.type, options.precision)
+    if cfg.train.gradient_clipping is not None and cfg.train.gradient_clipping != json_clipping:
+        log.info("gradient clipping at %g (train.gradient_clipping; %s says %s)", cfg.train.gradient_clipping,
+                 ds_source, json_clipping)
     ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
     if resume:
         warn_about_restored_settings(cfg, ckpt_dir)
@@ -161,14 +167,14 @@ def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = No
     return Run(cfg, ds, dist_info, logger, resume, checked)
 
 
-def schedule_in_steps(cfg: RunConfig, samples: int | None, ds: dict) -> RunConfig:
+def schedule_in_steps(cfg: RunConfig, samples: int | None, ds: dict, unit: str = "samples") -> RunConfig:
     """The run config with train.epochs (budget, milestones) turned into optimizer steps of the global
-    batch; unchanged where the budget is in steps."""
+    batch; unchanged where the budget is in steps. `samples`: what one epoch holds, counted in `unit`."""
     if cfg.train.epochs <= 0:
-        return cfg
+        return dataclasses.replace(cfg, train=cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source))
     train = cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source)
-    log.info("train.epochs %g of %d samples at a global batch of %d: %d steps%s", cfg.train.epochs, samples,
-             ds["train_batch_size"], train.max_steps,
+    log.info("train.epochs %g of %d %s at a global batch of %d: %d steps%s", cfg.train.epochs, samples,
+             unit.replace("_", " "), ds["train_batch_size"], train.max_steps,
              f", learning-rate milestones at steps {', '.join(str(int(m)) for m in train.lr_milestones)}"
              if train.lr_milestones else "")
     return dataclasses.replace(cfg, train=train)

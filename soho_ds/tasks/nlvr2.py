@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from soho_ds.config import RunConfig
-from soho_ds.models.heads import mlp_classifier
+from soho_ds.models.heads import classifier_head
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 LABELS = {label: i for i, label in enumerate(("False", "True"))}
@@ -49,7 +49,7 @@ class NLVR2Model(ClassifierModel):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = mlp_classifier(2 * h, 2 * h, len(LABELS), cfg.task.head_dropout)
+        self.head = classifier_head(cfg.task.head, 2 * h, h, len(LABELS), cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         B = batch["input_ids"].shape[0]

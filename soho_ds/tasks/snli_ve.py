@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from soho_ds.config import RunConfig
-from soho_ds.models.heads import mlp_classifier
+from soho_ds.models.heads import classifier_head
 from soho_ds.tasks.base import AnnotationError, ClassifierModel, ExampleTask, read_jsonl, require
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class SNLIVEModel(ClassifierModel):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = mlp_classifier(h, 2 * h, len(LABELS), cfg.task.head_dropout)
+        self.head = classifier_head(cfg.task.head, h, h, len(LABELS), cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         return self.head(self.encode(batch, batch["input_ids"], batch["attention_mask"])).float()

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from soho_ds import saved
-from soho_ds.config import ConfigError, RunConfig
-from soho_ds.models.heads import mlp_classifier
+from soho_ds.config import ConfigError, RunConfig, as_list
+from soho_ds.models.heads import classifier_head
 from soho_ds.runtime.trainer import to_device
 from soho_ds.tasks.base import AnnotationError, ExampleTask, FinetuneModel, read_json, require
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!"]
 DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+IMAGE_FOLDERS = {"test-dev2015": "test2015"}  # test-dev is a subset of test: its images are test2015's
 PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-behind is written as a look-ahead
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -179,7 +180,7 @@ class VQAModel(FinetuneModel):
     def __init__(self, cfg: RunConfig, num_answers: int):
         super().__init__(cfg)
         h = self.model.hidden_size
-        self.head = mlp_classifier(h, 2 * h, num_answers, cfg.task.head_dropout)
+        self.head = classifier_head(cfg.task.head, h, h, num_answers, cfg.task.head_dropout)
 
     def logits(self, batch) -> torch.Tensor:
         return self.head(self.encode(batch, batch["input_ids"], batch["attention_mask"])).float()
@@ -202,8 +203,10 @@ class VQATask(ExampleTask):
         t = cfg.task
         files = lambda q: [self.image_name(q)]  # noqa: E731
         # questions without their annotations cannot train (or build a vocabulary): evaluation only
-        train = (self.keep_present(read_vqa(t.train_file, t.train_answers), files, t.train_file)
-                 if t.train_file and t.train_answers else [])
+        train = []
+        if t.train_file and t.train_answers:  # several pairs: their union (SOHO trains test-dev models on train+val)
+            for questions, answers in zip(as_list(t.train_file), as_list(t.train_answers)):
+                train += self.keep_present(read_vqa(questions, answers), files, questions)
         saved_vocab = saved.read(init).vocab if init else None
         if saved_vocab is not None:
             self.vocab = saved_vocab  # the head's answers: the checkpoint's, whatever the train files say now
@@ -248,7 +251,7 @@ class VQATask(ExampleTask):
         return self.build_model(self.cfg, self.vocab)
 
     def image_name(self, q: VQAQuestion) -> str:
-        return self.cfg.task.image_pattern.format(image_id=q.image_id, subtype=q.subtype)
+        return self.cfg.task.image_pattern.format(image_id=q.image_id, subtype=IMAGE_FOLDERS.get(q.subtype, q.subtype))
 
     def image_names(self, examples: list[VQAQuestion]) -> list[str]:
         return [self.image_name(q) for q in examples]

@@ -146,15 +146,18 @@ def grounded(tmp_path_factory, world_of_one):
             "downstream": root / "downstream", "seconds": time.time() - t0}
 
 
+RETRIEVAL_STEPS = 20  # rsum 476 here against 155 from random initialisation (test_grounding.py)
+
+
 @pytest.fixture(scope="session")
 def grounded_retrieval(grounded, tmp_path_factory):
-    """The retrieval finetune from the grounded pretraining (40 steps, as make demo's but shorter):
-    its final metrics and its run folder."""
+    """The retrieval finetune from the grounded pretraining (make demo's, RETRIEVAL_STEPS long): its
+    final metrics and its run folder."""
     from launching import finetune_in_process
 
     out = tmp_path_factory.mktemp("grounded_retrieval")
     metrics = finetune_in_process("retrieval", "finetune_retrieval_synthetic.yaml", grounded["downstream"], out,
-                                  steps=40, init=grounded["checkpoint"], sets=["train.warmup_steps=4"])
+                                  steps=RETRIEVAL_STEPS, init=grounded["checkpoint"], sets=["train.warmup_steps=4"])
     return {"metrics": metrics, "run": out / "run", "checkpoint": out / "run" / "checkpoints"}
 
 
@@ -178,7 +181,7 @@ FINETUNE_FROM_SCRATCH = ["model.backbone=resnet18", "model.hidden_size=64", "mod
 
 @pytest.fixture(scope="session")
 def classifier_runs(downstream, tmp_path_factory, world_of_one):
-    """The NLVR2 and SNLI-VE drivers from random initialisation with the tiny model, 100 steps, each run
+    """The NLVR2 and SNLI-VE drivers from random initialisation with the tiny model, 60 steps, each run
     once for every test that needs it (its learning: test_finetune.py; load_model's agreement with it:
     test_inference.py). task -> {"metrics", "run"}."""
     from launching import finetune_in_process
@@ -188,7 +191,7 @@ def classifier_runs(downstream, tmp_path_factory, world_of_one):
     def run(task: str) -> dict:
         if task not in runs:
             out = tmp_path_factory.mktemp(task)
-            metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, out, 100,
+            metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, out, 60,
                                           FINETUNE_FROM_SCRATCH)
             runs[task] = {"metrics": metrics, "run": out / "run"}
         return runs[task]

@@ -10,9 +10,9 @@ import math
 
 import pytest
 
+from conftest import RETRIEVAL_STEPS
 from launching import finetune_in_process
 
-FINETUNE_STEPS = 40
 SCRATCH = ["model.backbone=resnet18", "model.pool_last=false", "model.hidden_size=384", "model.num_layers=2",
            "model.num_heads=12", "model.intermediate_size=1536", "model.pooling=mean", "model.vd_size=256",
            "model.dropout=0.0", "model.freeze_stem=false"]
@@ -34,7 +34,7 @@ def test_retrieval_from_pretraining_beats_chance_and_random_initialisation(groun
     pretrained = grounded_retrieval["metrics"]
     scratch = finetune_in_process(
         "retrieval", "finetune_retrieval_synthetic.yaml", grounded["downstream"], tmp_path / "scratch",
-        steps=FINETUNE_STEPS, sets=["train.warmup_steps=4", *SCRATCH])
+        steps=RETRIEVAL_STEPS, sets=["train.warmup_steps=4", *SCRATCH])
     assert pretrained["num_images"] == 20 and pretrained["num_texts"] == 100
     # a random ranking: text -> image R@K = K/20; image -> text (5 true captions of 100) 1 - C(95,K)/C(100,K)
     chance = {**{f"t2i_r{k}": 100 * k / 20 for k in (1, 5, 10)},
@@ -61,7 +61,8 @@ def test_vqa_from_pretraining_beats_the_text_only_prior(grounded, grounded_vqa):
 def test_an_image_padded_beside_a_larger_one_scores_as_it_does_alone(grounded, grounded_retrieval):
     """The validity mask keeps padding out of the VD, MVM, pooling and attention; what is left is the
     CNN's border: its receptive field sees the padding near the image's right and bottom edges.
-    Measured on the grounded model: mean |dP| 0.004, max 0.03 (docs/design.md); tolerance 0.01 / 0.06."""
+    Measured on the grounded model (20 retrieval steps): mean |dP| 0.008, max 0.033 over these 24 images
+    (docs/design.md); tolerance 0.02 / 0.08, as before about 2.5x the measurement."""
     import torch
     from PIL import Image
 
@@ -81,4 +82,59 @@ def test_an_image_padded_beside_a_larger_one_scores_as_it_does_alone(grounded, g
             assert visual.valid.shape[1] > visual.valid[0].sum() or p in (portrait, landscape)  # padded
             together = model.module.itm_head.score(model.soho, visual, **text, image_index=torch.tensor([0]))
             diffs.append(float((alone - together.sigmoid()[0]).abs()))
-    assert sum(diffs) / len(diffs) < 0.01 and max(diffs) < 0.06, diffs
+    assert sum(diffs) / len(diffs) < 0.02 and max(diffs) < 0.08, diffs
+
+
+@pytest.mark.slow
+def test_training_mode_batchnorm_carries_padding_into_valid_tokens_as_docs_state(grounded, grounded_retrieval):
+    """benchmarks/padding_report.py's training-mode measurement (docs/design.md): its padding-free
+    reference (BatchNorm statistics over valid cells) is exact, it changes nothing where nothing is
+    padded, and on the grounded model padding moves valid tokens more in mixed batches than grouped,
+    less with a frozen backbone, more in training mode than in eval mode."""
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    import soho_ds
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from padding_report import masked_batch_norm, normalisation_effect, token_shift, training_norms
+
+    bn = torch.nn.BatchNorm2d(3).train()
+    bn.weight.data, bn.bias.data = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3])
+    x = torch.randn(2, 3, 4, 6)
+    sizes = torch.tensor([[64, 96], [40, 50]])  # padded to 128x192 at stride 32: 2x3 and 2x2 cells (ceil)
+    cells = torch.cat([x[0, :, :2, :3].flatten(1), x[1, :, :2, :2].flatten(1)], 1)  # (C, valid cells)
+    mean, var = cells.mean(1), cells.var(1, unbiased=False)
+    expected = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps) * bn.weight[:, None, None] \
+        + bn.bias[:, None, None]
+    torch.testing.assert_close(masked_batch_norm(bn, x, sizes, (128, 192)), expected)
+    full = torch.tensor([[128, 192], [128, 192]])
+    torch.testing.assert_close(masked_batch_norm(bn, x, full, (128, 192)), F.batch_norm(
+        x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+
+    model = soho_ds.load_model(grounded_retrieval["checkpoint"], device="cpu")
+    images = grounded["downstream"] / "images"
+    squares = [p for p in sorted(images.glob("*.jpg")) if Image.open(p).size == (128, 128)][:4]
+    batch = model.preprocess(squares)
+    padded = tuple(batch["images"].shape[-2:])
+    assert len(squares) == 4 and (batch["image_sizes"] == torch.tensor(padded)).all()  # nothing padded
+    before = {k: v.clone() for k, v in model.soho.state_dict().items()}
+    with torch.no_grad():
+        encoded = {}
+        for statistics in ("all", "valid"):
+            with training_norms(model.soho, "batch", statistics, batch["image_sizes"], padded):
+                encoded[statistics] = model.soho.encode_image(batch["images"], batch["image_sizes"])
+    assert token_shift(encoded["all"], encoded["valid"], encoded["all"].grid) == pytest.approx((0, 0), abs=1e-5)
+    assert all(torch.equal(v, model.soho.state_dict()[k]) for k, v in before.items())  # running statistics kept
+
+    rows = {(r["batches"].split()[0].rstrip(","), r["backbone_norm"], r["batches"].split("(")[-1]): r
+            for r in normalisation_effect(str(grounded_retrieval["checkpoint"]), str(images))}
+    moved = {k: r["valid tokens moved %"] for k, r in rows.items()}
+    grouped, mixed = ("grouped", "batch", "grouped by orientation"), ("mixed", "batch", "mixed orientations")
+    assert rows[mixed]["padded %"] > rows[grouped]["padded %"] and moved[mixed] > moved[grouped] > 0, rows
+    assert moved[("mixed", "frozen", "mixed orientations")] < moved[mixed], rows
+    assert moved[("grouped", "batch", "training mode)")] > moved[("grouped", "batch", "eval mode)")], rows

@@ -62,15 +62,6 @@ def test_checkpoint_loads_back_to_the_same_weights(two_rank_run):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_latest_checkpoint(two_rank_run, synthetic_data):
-    tmp, _ = two_rank_run
-    launch(tmp, synthetic_data, ranks=2, steps=22, resume=True)
-    start = history(tmp / "run", "start")[-1]
-    assert (start["resumed_from"], start["step"]) == ("step_00000020", 20)
-    assert sorted(train_log(tmp / "run"))[-3:] == [20, 21, 22]
-
-
-@pytest.mark.slow
 def test_tensorboard_has_every_training_scalar(two_rank_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -67,9 +67,14 @@ class ModelConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1  # transformer layers and visual embedding alike
-    # cls: BERT's pooler over the fused [CLS] (SOHO); mean: the mean of the valid fused tokens, for
-    # sentence encoders trained with mean pooling (MiniLM), whose early layers' [CLS] is near constant
+    # cls: BERT's pooler over the fused [CLS]; raw_cls: the fused [CLS] itself, no pooler (SOHO's ITM
+    # input); mean: the mean of the valid fused tokens, for sentence encoders trained with mean pooling
+    # (MiniLM), whose early layers' [CLS] is near constant
     pooling: str = "cls"
+    itm_bias: bool = True  # the ITM Linear's bias (SOHO's has none)
+    # the learned mix of VD entry and raw feature: linear, one Linear(2H -> 2) over [x, q]; official,
+    # SOHO's 1x1 conv + (Sync)BatchNorm over [Linear(q), x]
+    gate: str = "linear"
     bert_dir: str | None = None  # local pretrained BERT folder (config + weights), or "pkg:NAME/dir"
     vocab_size: int = 30522
     max_position: int = 512
@@ -98,7 +103,8 @@ FINETUNE_MODEL_KEYS = ("use_vd", "dropout", "grad_checkpointing", "freeze_stem",
 BACKBONE_NORMS = ("batch", "sync", "frozen")
 WEIGHT_SOURCES = ("backbone_weights", "bert_dir")  # replaced by --init's weights
 IMAGE_MODES = ("aspect", "square")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "raw_cls", "mean")
+GATES = ("linear", "official")
 
 
 @dataclass(frozen=True)
@@ -163,9 +169,15 @@ class PretrainConfig:
     # its captions before masking); image: once per image, shared by its captions
     mvm_unit: str = "pair"
     itm_neg_prob: float = 0.5
-    # Departure from the official code, which scores raw cosines (temperature 1, no transform): the
-    # cosine over K entries spans [-1, 1], too flat a softmax to learn from in short runs.
-    mvm_temperature: float = 0.1
+    # MVM's scores: official, the raw cosine of the fused token with each entry (SOHO's code); projected,
+    # BERT's transform + a Linear before the cosine, divided by mvm_temperature (the cosine over K
+    # entries spans [-1, 1], a flat softmax for short runs)
+    mvm_head: str = "projected"
+    mvm_temperature: float = 0.1  # projected only
+    # which captions' passes MVM and MLM are scored on: all (SOHO's code: every copy, ITM negatives
+    # included) or matched (a caption of another image says nothing about this image's words)
+    mvm_pairs: str = "matched"
+    mlm_pairs: str = "matched"
     # Image-text contrastive alignment before fusion (ALBEF's ITC): not in SOHO, off by default. It
     # gives the words-to-pixels match a first-order signal, so short runs leave ITM's chance plateau.
     itc_weight: float = 0.0
@@ -174,6 +186,8 @@ class PretrainConfig:
 
 
 CNN_OPTIMIZERS = ("adamw", "sgd")
+MVM_HEADS = ("projected", "official")
+PAIRS = ("matched", "all")
 VD_VARIANTS = ("official", "soho_ds")  # models.visual_dictionary.VARIANTS
 CLASSIFIER_HEADS = ("mlp", "soho")  # models.heads.CLASSIFIER_HEADS
 EPOCH_UNITS = ("samples", "caption_groups")
@@ -194,6 +208,7 @@ class TrainConfig:
     cnn_lr_mult: float = 1.0  # learning-rate multiplier for the CNN parameters (SOHO's SGD recipe: 100)
     head_lr_mult: float = 1.0  # for the heads (pretraining or task), which no checkpoint initialises
     weight_decay: float = 0.01
+    decay_norms_and_biases: bool = False  # True: weight decay on every parameter, as SOHO's code
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     # adamw: one AdamW for everything; sgd: SOHO's recipe, SGD with momentum for the CNN, AdamW for the rest
@@ -432,6 +447,10 @@ def _check_values(cfg: RunConfig) -> None:
         (0.0 <= cfg.task.head_dropout < 1.0, "task.head_dropout", "must be in [0, 1)"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.pooling in POOLINGS, "model.pooling", f"must be one of {POOLINGS}, got {m.pooling!r}"),
+        (m.gate in GATES, "model.gate", f"must be one of {GATES}, got {m.gate!r}"),
+        (p.mvm_head in MVM_HEADS, "pretrain.mvm_head", f"must be one of {MVM_HEADS}, got {p.mvm_head!r}"),
+        (p.mvm_pairs in PAIRS, "pretrain.mvm_pairs", f"must be one of {PAIRS}, got {p.mvm_pairs!r}"),
+        (p.mlm_pairs in PAIRS, "pretrain.mlm_pairs", f"must be one of {PAIRS}, got {p.mlm_pairs!r}"),
         (m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm",
          f"must be one of {BACKBONE_NORMS}, got {m.backbone_norm!r}"),
         (d.image_mode in IMAGE_MODES, "data.image_mode", f"must be one of {IMAGE_MODES}, got {d.image_mode!r}"),

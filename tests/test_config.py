@@ -62,6 +62,10 @@ def test_real_recipes_are_sohos():
                                                                               (25, 35))
     assert (t.warmup_steps, round(t.warmup_factor, 4), t.lr_gamma, t.max_loss_scale) == (500, 0.3333, 0.1, 128)
     assert (coco.model.vd_variant, coco.model.vd_momentum, coco.data.captions_per_image) == ("official", 0.4, 4)
+    # the heads and objectives of the official code
+    assert (coco.model.pooling, coco.model.itm_bias, coco.model.gate) == ("raw_cls", False, "official")
+    p = coco.pretrain
+    assert (p.mvm_head, p.mvm_pairs, p.mlm_pairs, t.decay_norms_and_biases) == ("official", "all", "all", True)
     # VQA: SOHO's head, optimiser groups, clipping and schedule, trained on train + val
     shipped = yaml.safe_load((ROOT / "configs/finetune_vqa.yaml").read_text())["task"]
     assert [Path(f).name for f in shipped["train_file"]] == ["v2_OpenEnded_mscoco_train2014_questions.json",
@@ -127,6 +131,13 @@ def test_a_list_of_training_files_is_vqas_and_pairs_questions_with_answers(tmp_p
                                                          r"CNN stride with model.pool_last"),
     ("model:\n  pool_last: true\ndata:\n  image_mode: square\n  image_size: 96\n", r"multiple of 64"),
     ("data:\n  image_mode: squashed\n", r"run.yaml: data.image_mode must be one of"),
+    ("model:\n  gate: conv\n", r"run.yaml: model.gate must be one of \('linear', 'official'\)"),
+    ("model:\n  pooling: max\n", r"run.yaml: model.pooling must be one of \('cls', 'raw_cls', 'mean'\)"),
+    ("pretrain:\n  mvm_head: mlp\n", r"run.yaml: pretrain.mvm_head must be one of \('projected', 'official'\)"),
+    ("pretrain:\n  mlm_pairs: some\n", r"run.yaml: pretrain.mlm_pairs must be one of \('matched', 'all'\)"),
+    ("train:\n  epoch_unit: tokens\n", r"run.yaml: train.epoch_unit must be one of"),
+    ("train:\n  warmup_ratio: 1.5\n", r"run.yaml: train.warmup_ratio must be in \[0, 1\)"),
+    ("train:\n  gradient_clipping: -1\n", r"run.yaml: train.gradient_clipping must be at least 0"),
     ("data:\n  shorter_side: 600\n  longer_side: 500\n", r"run.yaml: data.longer_side must be at least"),
     ("pretrain:\n  mvm_unit: caption\n", r"run.yaml: pretrain.mvm_unit must be one of"),
     ("train:\n  cnn_optimizer: lamb\n", r"run.yaml: train.cnn_optimizer must be one of"),

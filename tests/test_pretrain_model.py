@@ -37,6 +37,86 @@ def test_every_head_gives_a_scalar_loss_and_every_trainable_parameter_a_gradient
     assert not missing, missing
 
 
+SOHO_HEADS = dict(pooling="raw_cls", itm_bias=False, gate="official")
+SOHO_OBJECTIVES = dict(mvm_head="official", mvm_pairs="all", mlm_pairs="all")
+
+
+def test_sohos_heads_and_objectives_train_every_parameter(tokenizer):
+    """The official choices (model.pooling raw_cls, itm_bias false, gate official; pretrain.mvm_head
+    official, mvm_pairs and mlm_pairs all) build, give finite losses and a gradient to every parameter."""
+    torch.manual_seed(0)
+    model = SohoPretrainer(tiny_model_config(**SOHO_HEADS), PretrainConfig(mvm_prob=1.0, **SOHO_OBJECTIVES)).train()
+    assert model.itm_head.fc.bias is None and model.model.fusion.bert.pooler is None
+    assert list(model.mvm_head.parameters()) == []  # the raw cosine has nothing to learn
+    out = model.commit(model(make_batch(tokenizer)))
+    assert all(torch.isfinite(out[k]) for k in ("loss", "loss/mlm", "loss/mvm", "loss/itm"))
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None)]
+    assert not missing, missing
+
+
+def test_sohos_choices_compute_what_the_official_code_computes(tokenizer):
+    """Each official choice against its formula written here: the raw [CLS] into a bias-free ITM
+    Linear; MVM's raw cosine (temperature 1) scored on every pass; MLM labels on every caption; the gate
+    a 1x1 conv + BatchNorm over [Linear(q), x] mixing q and x."""
+    torch.manual_seed(0)
+    batch = make_batch(tokenizer)
+    negatives = batch["itm_labels"] == 0
+    assert negatives.any() and (~negatives).any()
+    model = SohoPretrainer(tiny_model_config(**SOHO_HEADS), PretrainConfig(mvm_prob=1.0, **SOHO_OBJECTIVES)).eval()
+    visual = model.model.encode_image(batch["images"])
+    sequence, pooled = model.model.fuse(batch["input_ids"], batch["attention_mask"], visual, batch["image_index"])
+    torch.testing.assert_close(pooled, sequence[:, 0])
+    torch.testing.assert_close(model.itm_head(pooled), sequence[:, 0] @ model.itm_head.fc.weight.t())
+    hidden, entries = torch.randn(5, 64), torch.randn(32, 64)
+    cosine = torch.nn.functional.cosine_similarity(hidden[:, None], entries[None], dim=-1)
+    torch.testing.assert_close(model.mvm_head(hidden, entries), cosine, atol=1e-5, rtol=1e-5)
+    # the gate, recomputed from its parts on the encoded grid
+    neck = model.model.visual
+    x = neck.proj(visual.features).flatten(2).transpose(1, 2)
+    q, _ = neck.vd(x, visual.valid)
+    h, w = visual.grid
+    z = torch.cat([neck.gate_query(q), x], -1).transpose(1, 2).reshape(len(x), -1, h, w)
+    bn = neck.gate[1]
+    logits = torch.nn.functional.batch_norm(neck.gate[0](z), bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    weights = logits.flatten(2).transpose(1, 2).softmax(-1)
+    torch.testing.assert_close(visual.tokens, neck.out(weights[..., :1] * q + weights[..., 1:] * x))
+    # MLM: every caption's masked words carry labels, ITM negatives' too
+    every = PretrainTextBuilder(tokenizer, 16, 2, 0.3, 0.5, 0, mlm_on_negatives=True)(CAPS)
+    matched_only = PretrainTextBuilder(tokenizer, 16, 2, 0.3, 0.5, 0)(CAPS)
+    torch.testing.assert_close(every["input_ids"], matched_only["input_ids"])  # the same masking
+    labelled = (every["mlm_labels"] != -100).any(1)
+    assert labelled[every["itm_labels"] == 0].any() and not (matched_only["mlm_labels"] != -100).any(1)[
+        matched_only["itm_labels"] == 0].any()
+    # MVM on every pass: with negatives present, more masked tokens count than on matched pairs alone
+    torch.manual_seed(1)
+    official = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0, mvm_pairs="all")).train()
+    matched = SohoPretrainer(tiny_model_config(), PretrainConfig(mvm_prob=1.0)).train()
+    matched.load_state_dict(official.state_dict())
+    scored = {}
+    for name, m in (("all", official), ("matched", matched)):
+        torch.manual_seed(2)  # the same masks
+        out = m(batch)
+        m.commit(out)
+        scored[name] = out["loss/mvm"]
+    assert not torch.allclose(scored["all"], scored["matched"])
+
+
+def test_weight_decay_on_every_parameter_as_sohos_code():
+    from soho_ds.config import TrainConfig
+    from soho_ds.runtime.engine import param_groups
+
+    model = SohoPretrainer(tiny_model_config(), PretrainConfig())
+    default = {g["name"]: g["weight_decay"] for g in param_groups(model, TrainConfig(weight_decay=0.01))}
+    official = {g["name"]: g["weight_decay"] for g in param_groups(model, TrainConfig(weight_decay=0.01,
+                                                                                    decay_norms_and_biases=True))}
+    assert default["transformer_no_decay"] == 0.0 and default["transformer"] == 0.01
+    assert official == {"cnn": 0.01, "head": 0.01, "transformer": 0.01}
+    counts = lambda groups: sum(len(g["params"]) for g in groups)  # noqa: E731
+    assert counts(param_groups(model, TrainConfig(decay_norms_and_biases=True))) == counts(param_groups(
+        model, TrainConfig()))
+
+
 def test_mlm_decoder_is_tied_to_the_word_embeddings(tokenizer):
     model = SohoPretrainer(tiny_model_config(), PretrainConfig())
     assert model.mlm_head.word_embeddings.weight is model.model.fusion.word_embeddings.weight

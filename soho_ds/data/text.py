@@ -50,10 +50,10 @@ class PretrainTextBuilder:
     """Builds the text side of a pretraining batch from the captions of B images."""
 
     def __init__(self, tokenizer: BertTokenizerFast, max_len: int, captions_per_image: int, mlm_prob: float,
-                 itm_neg_prob: float, seed: int):
+                 itm_neg_prob: float, seed: int, mlm_on_negatives: bool = False):
         self.tokenizer = tokenizer
         self.max_len, self.captions_per_image = max_len, captions_per_image
-        self.itm_neg_prob = itm_neg_prob
+        self.itm_neg_prob, self.mlm_on_negatives = itm_neg_prob, mlm_on_negatives
         self.generator = torch.Generator().manual_seed(seed)
         self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_prob,
                                                       return_tensors="pt")
@@ -81,8 +81,9 @@ class PretrainTextBuilder:
         input_ids, mlm_labels = self.masker.torch_mask_tokens(enc["input_ids"].clone(), special)
         # Every caption is masked alike, so a [MASK] in the input says nothing about ITM (masking only
         # matched captions lets ITM "solve" itself from the text); a mismatched caption's words are
-        # not predicted from the wrong image: no MLM loss there.
-        mlm_labels[itm_labels == 0] = IGNORE
+        # predicted only with mlm_on_negatives (SOHO's code), not from the wrong image otherwise.
+        if not self.mlm_on_negatives:
+            mlm_labels[itm_labels == 0] = IGNORE
         # The masked positions, listed here on the host so the model gathers them without a device sync;
         # none (all captions negatives) lists position 0, whose label is IGNORE.
         positions = (mlm_labels.flatten() != IGNORE).nonzero().flatten()

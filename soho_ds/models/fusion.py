@@ -97,4 +97,6 @@ class CrossModalEncoder(nn.Module):
         if self.pooling == "mean":
             w = valid.to(sequence.dtype)[..., None]
             return sequence, (sequence * w).sum(1) / w.sum(1).clamp(min=1)
+        if self.pooling == "raw_cls":
+            return sequence, sequence[:, 0]
         return sequence, self.bert.pooler(sequence)

@@ -23,15 +23,15 @@ class MLMHead(nn.Module):
 
 
 class MVMHead(nn.Module):
-    """Scores each visual token against the L2-normalised dictionary entries (cosine / temperature).
-    The official code scores the raw fused token (no transform, temperature 1): see
-    PretrainConfig.mvm_temperature for why this departs."""
+    """Scores each visual token against the L2-normalised dictionary entries. `projected`: BERT's
+    transform and a Linear first, the cosine divided by `temperature`; otherwise the raw cosine of the
+    fused token (SOHO's code: no parameters, temperature 1)."""
 
-    def __init__(self, config: BertConfig, temperature: float = 0.1):
+    def __init__(self, config: BertConfig, temperature: float = 0.1, projected: bool = True):
         super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.temperature = temperature
+        self.transform = BertPredictionHeadTransform(config) if projected else nn.Identity()
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size) if projected else nn.Identity()
+        self.temperature = temperature if projected else 1.0
 
     def forward(self, hidden: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """hidden (M, H), entries (K, H) -> logits (M, K)."""
@@ -44,9 +44,9 @@ class ITMHead(nn.Module):
     are the one way image-text pairs are scored: finetuning's negatives, retrieval evaluation (finetune
     and pretraining), `load_model`'s itm and search."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, bias: bool = True):
         super().__init__()
-        self.fc = nn.Linear(hidden_size, 2)
+        self.fc = nn.Linear(hidden_size, 2, bias=bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(pooled)

@@ -65,7 +65,7 @@ class VisualTokens:
 
 class VisualEmbedding(nn.Module):
     """Neck: 1x1 conv + BN to the transformer width, the VD, a learned gate between the VD entry
-    and the raw feature, a Linear; then position code, visual token type and LayerNorm."""
+    and the raw feature (model.gate), a Linear; then position code, visual token type and LayerNorm."""
 
     def __init__(self, in_channels: int, cfg: ModelConfig):
         super().__init__()
@@ -73,7 +73,14 @@ class VisualEmbedding(nn.Module):
         self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), BatchNorm2d(hidden))
         self.vd = VisualDictionary(cfg.vd_size, hidden, cfg.vd_momentum, init_from_data=cfg.vd_init_from_data,
                                    restart_below=cfg.vd_restart_below, variant=cfg.vd_variant) if cfg.use_vd else None
-        self.gate = nn.Linear(2 * hidden, 2) if cfg.use_vd else None
+        self.gate_kind = cfg.gate
+        if not cfg.use_vd:
+            self.gate = None
+        elif cfg.gate == "official":  # SOHO's: a 1x1 conv + BatchNorm over [Linear(q), x]
+            self.gate_query = nn.Linear(hidden, hidden)
+            self.gate = nn.Sequential(nn.Conv2d(2 * hidden, 2, 1), BatchNorm2d(2))
+        else:
+            self.gate = nn.Linear(2 * hidden, 2)
         self.out = nn.Linear(hidden, hidden)
         self.mask_embedding = nn.Parameter(torch.zeros(hidden))  # replaces MVM-masked tokens
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -85,7 +92,12 @@ class VisualEmbedding(nn.Module):
         if self.vd is None:
             return self.out(x), None
         q, index = self.vd(x, valid)
-        weights = self.gate(torch.cat([x, q], dim=-1)).softmax(-1)  # (B, N, 2)
+        if self.gate_kind == "official":
+            B, _, h, w = features.shape
+            grid = torch.cat([self.gate_query(q), x], dim=-1).transpose(1, 2).reshape(B, -1, h, w)
+            weights = self.gate(grid).flatten(2).transpose(1, 2).softmax(-1)  # (B, N, 2)
+        else:
+            weights = self.gate(torch.cat([x, q], dim=-1)).softmax(-1)  # (B, N, 2)
         mixed = weights[..., :1] * q + weights[..., 1:] * x
         return self.out(mixed), index
 

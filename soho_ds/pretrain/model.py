@@ -24,8 +24,9 @@ class SohoPretrainer(nn.Module):
         self.model = SohoModel(model_cfg)
         config = self.model.bert_config
         self.mlm_head = MLMHead(config, self.model.word_embeddings)
-        self.itm_head = ITMHead(config.hidden_size)
-        self.mvm_head = MVMHead(config, cfg.mvm_temperature) if model_cfg.use_vd and cfg.mvm_weight > 0 else None
+        self.itm_head = ITMHead(config.hidden_size, model_cfg.itm_bias)
+        self.mvm_head = (MVMHead(config, cfg.mvm_temperature, projected=cfg.mvm_head == "projected")
+                         if model_cfg.use_vd and cfg.mvm_weight > 0 else None)
         self.itc_head = ContrastiveHead(config.hidden_size, cfg.itc_dim) if cfg.itc_weight > 0 else None
         self.semantic_heads = (SemanticVisualHeads(self.model.grid_channels, semantic)
                                if semantic is not None and semantic.enabled else None)
@@ -65,8 +66,8 @@ class SohoPretrainer(nn.Module):
         total = cfg.itm_weight * out["loss/itm"] + cfg.mlm_weight * out["loss/mlm"]
         if self.mvm_head is not None:
             # Every visual token is scored (a fixed shape: which ones are masked is known only on the
-            # device); only masked tokens of matched pairs count: another image's caption cannot help.
-            scored = mvm_mask & matched[:, None]  # (T, N)
+            # device); masked tokens count, of every pass or of matched pairs only (pretrain.mvm_pairs)
+            scored = mvm_mask & matched[:, None] if cfg.mvm_pairs == "matched" else mvm_mask  # (T, N)
             targets = torch.where(scored, visual.vd_index.index_select(0, image_index), IGNORE)
             visual_hidden = sequence[:, L:].reshape(-1, sequence.shape[-1])
             mvm_logits = self.mvm_head(visual_hidden, self.model.visual_dictionary.embed)

@@ -74,7 +74,7 @@ class PretrainTask:
 
         def text_builder(seed: int) -> PretrainTextBuilder:
             return PretrainTextBuilder(tokenizer, d.max_text_len, d.captions_per_image, p.mlm_prob,
-                                       p.itm_neg_prob, seed)
+                                       p.itm_neg_prob, seed, mlm_on_negatives=p.mlm_pairs == "all")
 
         self.text = text_builder(derive(cfg.train.seed, "text", dist_info.rank))
         self.val_seed = derive(cfg.train.seed, "val_text", dist_info.rank)

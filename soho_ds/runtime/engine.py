@@ -144,9 +144,10 @@ def resolve_precision(ds_config: dict, device_type: str, precision: str = "auto"
 
 
 def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Optimizer groups: no weight decay on biases and norms; the CNN at lr x cnn_lr_mult (and, with
-    `cnn_optimizer: sgd`, SGD's momentum and weight decay); the task or pretraining heads (everything
-    outside the CNN, the visual embedding and the transformer) at lr x head_lr_mult."""
+    """Optimizer groups: no weight decay on biases and norms (unless train.decay_norms_and_biases); the
+    CNN at lr x cnn_lr_mult (and, with `cnn_optimizer: sgd`, SGD's momentum and weight decay); the task
+    or pretraining heads (everything outside the CNN, the visual embedding and the transformer) at
+    lr x head_lr_mult."""
     groups: dict[tuple[str, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -154,7 +155,7 @@ def param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict]:
         dotted = f".{name}"
         part = ("cnn" if ".backbone." in dotted else
                 "transformer" if ".fusion." in dotted or ".visual." in dotted else "head")
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        no_decay = not cfg.decay_norms_and_biases and (p.ndim <= 1 or name.endswith(".bias"))
         groups.setdefault((part, no_decay), []).append(p)
     mult = {"cnn": cfg.cnn_lr_mult, "transformer": 1.0, "head": cfg.head_lr_mult}
     out = []

@@ -160,7 +160,7 @@ class RetrievalModel(FinetuneModel):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.itm_head = ITMHead(self.model.hidden_size)
+        self.itm_head = ITMHead(self.model.hidden_size, cfg.model.itm_bias)
         self.itc_weight, self.itc_temperature = cfg.pretrain.itc_weight, cfg.pretrain.itc_temperature
         self.itc_head = ContrastiveHead(self.model.hidden_size, cfg.pretrain.itc_dim) if self.itc_weight > 0 else None
         if self.itc_head is not None:

@@ -270,7 +270,7 @@ class SemanticConfig:
     each offline detector box (RoIAlign) must predict that box's object class, its attributes and
     the detector's own region feature. All off (weight 0) in SOHO configs; inference never uses them."""
     object_weight: float = 0.0  # cross-entropy over the detector's object classes
-    attribute_weight: float = 0.0  # multi-label BCE over attribute classes
+    attribute_weight: float = 0.0  # cross-entropy against the box's attributes (models.semantic.attribute_loss)
     feature_weight: float = 0.0  # regression of the detector's region feature
     feature_loss: str = "smooth_l1"  # smooth_l1 | cosine
     num_objects: int = 1600  # Visual Genome BUTD vocabulary sizes
@@ -603,6 +603,34 @@ def _apply_checkpoint_model(tree: dict, checkpoint_model: dict, checkpoint_sourc
     return merged
 
 
+def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A YAML config's tree; with a top-level `base: other.yaml` (relative to this file), that file's
+    tree with this one's keys laid over it, section by section (a recipe plus what it changes)."""
+    try:
+        tree = read_yaml(path) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{seen[-1] if seen else path}: config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another config, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {base} leads back to itself")
+    merged = _read_with_base(base_path, (*seen, path.resolve()))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 checkpoint_config: tuple[dict, str] | None = None) -> RunConfig:
     """Reads a YAML run config, applies `key.sub=value` overrides and validates it all.
@@ -611,14 +639,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     checkpoint's: see `_apply_checkpoint_model`. Its tokenizer is kept unless the YAML names one.
     """
     path = Path(path)
-    try:
-        tree = read_yaml(path) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = _read_with_base(path, ())
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key.sub=value")

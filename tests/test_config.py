@@ -28,6 +28,9 @@ def test_shipped_configs_load(synthetic_data, downstream, tmp_path):
     backbone.touch()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         tree = yaml.safe_load(path.read_text())
+        if "base" in tree:  # a recipe plus what it changes: its base states the rest
+            base = yaml.safe_load((path.parent / tree["base"]).read_text())
+            tree = {**base, **{k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in tree.items()}}
         assert tree["data"]["image_mode"] in ("aspect", "square"), path
         task = (tree.get("task") or {}).get("name")
         if task:
@@ -543,3 +546,20 @@ def test_an_epoch_of_caption_groups_counts_each_image_once_per_group_of_its_capt
     index_shards(str(tmp_path / "shards"))
     assert check_shards(load_config(ROOT / "configs/pretrain_synthetic.yaml",
                                     sets + ["train.epoch_unit=caption_groups"]))["train"][0].caption_groups == 6
+
+
+def test_a_config_with_a_base_is_the_base_with_its_own_keys_laid_over(tmp_path):
+    semantic = load_config(ROOT / "configs/pretrain_coco_vg_semantic.yaml", ["data.train_shards=null"])
+    recipe = load_config(ROOT / "configs/pretrain_coco_vg.yaml", ["data.train_shards=null"])
+    assert dataclasses.replace(semantic, semantic=recipe.semantic, source=recipe.source,
+                               train=dataclasses.replace(semantic.train, output_dir=recipe.train.output_dir)) == recipe
+    s = semantic.semantic
+    assert (s.object_weight, s.attribute_weight, s.feature_weight, s.num_objects, s.num_attributes) == (1, 1, 1, 1600,
+                                                                                                      400)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmodel:\n  hidden_size: 64\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: base a.yaml leads back to itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: config file not found: .*missing.yaml"):
+        load_config(tmp_path / "c.yaml")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from soho_ds.config import PretrainConfig, SemanticConfig
+from soho_ds.config import ConfigError, PretrainConfig, SemanticConfig
 from soho_ds.data.pipeline import MEAN, STD, ImageSpec, ShardLoader
 from soho_ds.data.regions import RegionSpec, RegionTargets
 from soho_ds.models.semantic import SemanticVisualHeads, attribute_loss, object_loss, region_feature_loss
@@ -110,9 +110,19 @@ def test_losses_against_hand_computed_values():
     loss, acc = object_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, -1]))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2))) and acc.item() == 1.0
 
-    loss, acc = attribute_loss(torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 1.0]]))
-    assert loss.item() == pytest.approx(math.log(2) + math.log(1 + math.exp(2)) + math.log(1 + math.exp(1)))
+    # the true attributes share the target mass: -(log p0 + log p2) / 2; a box without attributes is left out
+    logits = torch.tensor([[0.0, 2.0, -1.0], [5.0, 0.0, 0.0]])
+    loss, acc = attribute_loss(logits, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    log_z = math.log(1 + math.exp(2) + math.exp(-1))
+    assert loss.item() == pytest.approx(((log_z - 0.0) + (log_z + 1.0)) / 2)
     assert acc.item() == 0.0  # the top attribute (index 1) is not a true one
+    # at initialisation (equal logits) it is ln(classes), the object loss's scale: 6.0 for VG's 400, not 277
+    flat = torch.zeros(4, 400)
+    targets = torch.zeros(4, 400)
+    targets[:, :3] = 1
+    assert attribute_loss(flat, targets)[0].item() == pytest.approx(math.log(400))
+    assert object_loss(torch.zeros(4, 1600), torch.zeros(4, dtype=torch.long))[0].item() == pytest.approx(
+        math.log(1600))
 
     pred, target = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.5, 0.0]])
     assert region_feature_loss(pred, target, "smooth_l1").item() == pytest.approx((0.5 * 0.25 + 1.5) / 2)
@@ -266,3 +276,127 @@ def test_attach_detections_rejects_a_broken_tsv_line(tmp_path, synthetic_data):
     tsv.write_text("img1\t64\t64\t3\n")
     with pytest.raises(ValueError, match=r"bad\.tsv: image img1: 4 tab-separated fields"):
         TsvDetections(tsv).get("img1")
+
+
+COCO_PHOTOS = {262148: "COCO_val2014_000000262148.jpg", 393225: "COCO_val2014_000000393225.jpg",
+               458752: "COCO_train2014_000000458752.jpg"}
+
+
+def coco_shards(tmp_path):
+    """The real COCO photos of ../shared/realdata as a shard set, image_id the integer COCO id (as the coco
+    converter writes it)."""
+    from conftest import REALDATA
+    from soho_ds.data.convert import write_shards
+    from soho_ds.data.sources import Record
+
+    if not (REALDATA / "coco/images").is_dir():
+        pytest.skip("../shared/realdata is absent")
+    records = [Record(f"coco_{i}", str(REALDATA / "coco/images" / name), [f"photo {i}"],
+                      {"source": "coco", "image_id": i}) for i, name in COCO_PHOTOS.items()]
+    write_shards(records, tmp_path / "coco", {"source": "coco"}, samples_per_shard=2, workers=1, progress=False)
+    return tmp_path / "coco"
+
+
+def attached(out):
+    """key -> the sample's detections entry and features, from the attached shards."""
+    from soho_ds.data.shards import list_shards
+
+    found = {}
+    for shard in list_shards(str(out)):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                key = name[:-5]
+                feats = members.get(f"{key}.feats.npy")
+                found[key] = (json.loads(data)["detections"],
+                              None if feats is None else np.load(__import__("io").BytesIO(feats)))
+    return found
+
+
+def test_vinvl_predictions_attach_by_coco_file_stem_with_the_label_maps_ids_and_features(tmp_path):
+    """VinVL's layout, written here from its documentation: predictions.tsv (id, JSON objects with rect,
+    class, conf, attributes, attr_scores), features.tsv (id, box count, base64 of 2,048 + 6 floats a box)
+    and the label map's 1-based label_to_idx / attribute_to_idx. Ids are COCO file stems; shards hold
+    integer ids."""
+    from soho_ds.data.detections import attach_detections, open_detections
+
+    shards = coco_shards(tmp_path)
+    label_map = tmp_path / "VG-SGG-dicts-vgoi6-clipped.json"
+    label_map.write_text(json.dumps({"label_to_idx": {"man": 1, "surfboard": 2, "wave": 3},
+                                     "attribute_to_idx": {"white": 1, "wet": 2, "blue": 3},
+                                     "idx_to_label": {"1": "man"}}))
+    objects = {262148: [{"rect": [10.5, 20.0, 200.0, 300.0], "class": "man", "conf": 0.91,
+                         "attributes": ["wet", "white"], "attr_scores": [0.8, 0.2]},
+                        {"rect": [0.0, 0.0, 50.0, 40.0], "class": "wave", "conf": 0.6, "attributes": [],
+                         "attr_scores": []}],
+               458752: [{"rect": [5.0, 5.0, 100.0, 90.0], "class": "surfboard", "conf": 0.7,
+                         "attributes": ["blue"], "attr_scores": [0.9]}]}
+    rng = np.random.default_rng(1)
+    feats = {i: rng.standard_normal((len(o), 2054)).astype(np.float32) for i, o in objects.items()}
+    with open(tmp_path / "predictions.tsv", "w") as p, open(tmp_path / "features.tsv", "w") as f:
+        for i, objs in objects.items():
+            stem = COCO_PHOTOS[i][:-4]
+            p.write(f"{stem}\t{json.dumps({'objects': objs, 'image_h': 480, 'image_w': 640})}\n")
+            f.write(f"{stem}\t{len(objs)}\t{_b64(feats[i], np.float32)}\n")
+    source = open_detections(tmp_path / "predictions.tsv", 0.5, label_map, tmp_path / "features.tsv")
+    report = attach_detections(str(shards), tmp_path / "out", source)
+    assert (report["samples"], report["with_detections"], report["boxes"]) == (3, 2, 3)
+    assert [k.rsplit(":", 1)[-1] for k in report["without_detections"]] == ["coco_393225"]  # kept, counted
+    saved = json.loads((tmp_path / "out/detections.json").read_text())
+    assert sum(s["with_detections"] for s in saved["shards"].values()) == 2 and len(saved["shards"]) == 2
+    assert saved["object_ids"] and saved["attribute_ids"]
+    got = attached(tmp_path / "out")
+    entry, f = got["coco_262148"]
+    assert entry["object_ids"] == [0, 2] and entry["attribute_ids"] == [[1], []]  # 1-based -> 0-based, 0.5 kept
+    assert entry["boxes"][0] == [10.5, 20.0, 200.0, 300.0] and (entry["image_w"], entry["image_h"]) == (640, 480)
+    np.testing.assert_allclose(f, feats[262148][:, :2048], atol=2e-3, rtol=1e-2)  # stored as fp16
+    assert got["coco_458752"][0]["object_ids"] == [1] and got["coco_393225"][0]["boxes"] == []
+
+    with pytest.raises(ValueError, match=r"VinVL predictions name their classes; give the label map"):
+        open_detections(tmp_path / "predictions.tsv")
+    bad = tmp_path / "bad_predictions.tsv"
+    bad.write_text(f"COCO_val2014_000000262148\t{json.dumps({'objects': [{'rect': [0, 0, 1, 1], 'class': 'cat'}]})}\n")
+    with pytest.raises(ValueError, match=r"bad_predictions.tsv: image COCO_val2014_000000262148: class 'cat' is "
+                                         r"not in the label map"):
+        attach_detections(str(shards), tmp_path / "out_bad", open_detections(bad, 0.0, label_map))
+
+
+def test_butd_ids_are_normalised_a_file_matching_nothing_is_refused_and_missing_classes_stop_the_losses(
+        tmp_path, tokenizer):
+    """LXMERT/BUTD TSVs name COCO images by file stem: they attach to integer ids. A file for other images
+    is refused naming both sides' ids, leaving no output. The six-column BUTD TSV has no class ids: a run
+    with the object loss on is refused before it starts; the region-feature loss alone is fine."""
+    from soho_ds.config import load_config
+    from soho_ds.data.detections import DetectionsError, attach_detections, normalise_image_id, open_detections
+    from soho_ds.pretrain.task import check_shards
+
+    assert {normalise_image_id(x) for x in ("COCO_val2014_000000262148", "000000262148.jpg", "262148", 262148,
+                                            "COCO_train2014_000000262148")} == {"262148"}
+    assert normalise_image_id("vg_12") == "vg_12" and normalise_image_id("2345.jpg") == "2345"
+    shards = coco_shards(tmp_path)
+    six = tmp_path / "butd.tsv"
+    with open(six, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        for i in (262148, 393225):
+            boxes = np.array([[1, 2, 30, 40]], dtype=np.float32)
+            writer.writerow([COCO_PHOTOS[i][:-4], 640, 480, 1, _b64(boxes, np.float32),
+                             _b64(np.ones((1, 8)), np.float32)])
+    report = attach_detections(str(shards), tmp_path / "out", open_detections(six))
+    assert report["with_detections"] == 2 and not report["object_ids"]
+    assert attached(tmp_path / "out")["coco_262148"][0]["object_ids"] == [-1]
+
+    other = tmp_path / "other.tsv"
+    other.write_text(six.read_text().replace("000000262148", "000000000001").replace("000000393225", "000000000002"))
+    with pytest.raises(DetectionsError, match=r"other.tsv: none of its 2 records matches any of the 3 samples .*"
+                                              r"their image ids: 262148, .*the file's: 1, 2"):
+        attach_detections(str(shards), tmp_path / "out_other", open_detections(other))
+    assert not list((tmp_path / "out_other").glob("*.tar"))
+
+    base = [f"data.train_shards={tmp_path}/out", "data.val_shards=null", "model.backbone_weights=null",
+            "semantic.feature_dim=8", "semantic.num_objects=10", "semantic.num_attributes=5"]
+    config = ROOT / "configs/pretrain_synthetic.yaml"
+    with pytest.raises(ConfigError, match=r"data.train_shards: the detections attached to .*/out \(.*butd.tsv\) carry "
+                                          r"no object class ids, which semantic.object_weight 1 needs"):
+        check_shards(load_config(config, base + ["semantic.object_weight=1"]))
+    assert check_shards(load_config(config, base + ["semantic.feature_weight=1"]))["train"][0].samples == 3

@@ -3,12 +3,15 @@ TensorBoard pictures of what the Visual Dictionary sees."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from soho_ds.config import ConfigError, RunConfig, ShardSource
+from soho_ds.data.detections import REPORT as DETECTIONS_REPORT
 from soho_ds.data.pipeline import CheckedShards, ImageSpec, ImageTextBatch, ShardLoader, check_source
 from soho_ds.data.regions import RegionSpec
 from soho_ds.data.shards import ShardError
@@ -25,6 +28,24 @@ def region_spec(cfg: RunConfig) -> RegionSpec | None:
     """What is read of the detector boxes: nothing unless a semantic visual loss is on."""
     s = cfg.semantic
     return RegionSpec(s.num_attributes, s.feature_weight > 0, s.max_boxes) if s.enabled else None
+
+
+def refuse_detections_without_classes(shards: CheckedShards, cfg: RunConfig, key: str) -> None:
+    """The object / attribute losses need the detector's class ids: refuses shards whose attached file
+    had none (a six-column BUTD TSV), as their attach report (detections.json) records."""
+    s = cfg.semantic
+    for folder in sorted({str(Path(p).parent) for p in shards.paths}):
+        report_path = Path(folder) / DETECTIONS_REPORT
+        if not report_path.is_file():
+            continue  # attached before the report existed, or in an object store: not known here
+        report = json.loads(report_path.read_text())
+        for weight, field, what in ((s.object_weight, "object_ids", "object"),
+                                    (s.attribute_weight, "attribute_ids", "attribute")):
+            if weight > 0 and not report.get(field, True):
+                raise ConfigError(f"{cfg.source}: {key}: the detections attached to {folder} "
+                                  f"({report.get('detections')}) carry no {what} class ids, which "
+                                  f"semantic.{what}_weight {weight:g} needs: attach a file with them (LXMERT's "
+                                  f"10-column TSV, VinVL) or set the weight to 0")
 
 
 def check_shards(cfg: RunConfig) -> dict[str, list[CheckedShards]]:
@@ -48,6 +69,8 @@ def check_shards(cfg: RunConfig) -> dict[str, list[CheckedShards]]:
                 checked[kind].append(check_source(source, regions, report=kind == "train", captions_per_group=groups))
             except (FileNotFoundError, ShardError) as e:
                 raise ConfigError(f"{cfg.source}: {key}: {e}") from None
+            if regions is not None:
+                refuse_detections_without_classes(checked[kind][-1], cfg, key)
             if groups and cfg.train.epochs > 0 and checked[kind][-1].caption_groups is None:
                 raise ConfigError(f"{cfg.source}: {key}: train.epoch_unit caption_groups counts each sample's "
                                   f"captions from the shard indexes, and these have none (unindexed, or indexed "

@@ -1,11 +1,19 @@
-"""Does the semantic visual loss make pretraining converge faster? Both arms from the same stand-ins (the
-concept-trained CNN, which reads colours but not shapes, and MiniLM), several seeds each.
+"""Pretraining variants on the demo, compared: does the semantic visual loss make pretraining converge
+faster, which of its three terms does it, and how do SOHO's own heads and dictionary do against
+soho-ds's defaults? Every arm from the same stand-ins (the concept-trained CNN, which reads colours
+but not shapes, and MiniLM), several seeds each.
 
     python benchmarks/compare_semantic.py --seeds 1,2,3 --steps 200       # about 35 minutes on 2 CPU cores
+    python benchmarks/compare_semantic.py --arms soho,soho_recipe,object,attribute,region_feature \
+        --checkpoints 200 --out benchmarks/pretraining_variants
 
-Arm "soho": configs/pretrain_synthetic.yaml as shipped (MLM + MVM + ITM + ITC). Arm "soho+semantic":
-the same plus the three semantic losses on the synthetic detections (the shape is the object class,
-colour and size the attributes). Every --eval-every steps the runs record held-out ITM accuracy;
+Arm "soho": configs/pretrain_synthetic.yaml as shipped (MLM + MVM + ITM + ITC). "soho+semantic": the
+same plus the three semantic losses on the synthetic detections (the shape is the object class,
+colour and size the attributes); "object", "attribute", "region_feature": one of them alone.
+"soho_recipe": the official choices of configs/pretrain_coco_vg.yaml (the released dictionary update at
+γ 0.4, its gate, MVM and MLM on every pass, MVM's raw cosine, bias-free ITM, decay on everything)
+where the demo's encoder allows them (MiniLM's mean pooling stays: its early [CLS] is near constant).
+Every --eval-every steps the runs record held-out ITM accuracy;
 at each --checkpoints step a checkpoint is scored on shape-hard pairs (each true test caption against
 the same caption with one shape word swapped for a shape absent from the image: only shape
 knowledge tells them apart; accuracy = how often the true one scores higher), and retrieval is
@@ -29,9 +37,14 @@ import torch
 
 from harness import ROOT
 
-SEMANTIC = ["semantic.object_weight=1.0", "semantic.attribute_weight=1.0", "semantic.feature_weight=1.0",
-            "semantic.num_objects=4", "semantic.num_attributes=8", "semantic.feature_dim=64", "semantic.max_boxes=8"]
-ARMS = {"soho": [], "soho+semantic": SEMANTIC}
+SIZES = ["semantic.num_objects=4", "semantic.num_attributes=8", "semantic.feature_dim=64", "semantic.max_boxes=8"]
+SEMANTIC = ["semantic.object_weight=1.0", "semantic.attribute_weight=1.0", "semantic.feature_weight=1.0", *SIZES]
+SOHO_RECIPE = ["model.vd_variant=official", "model.vd_momentum=0.4", "model.gate=official", "model.itm_bias=false",
+               "pretrain.mvm_head=official", "pretrain.mvm_pairs=all", "pretrain.mlm_pairs=all",
+               "train.decay_norms_and_biases=true"]
+ARMS = {"soho": [], "soho+semantic": SEMANTIC, "object": ["semantic.object_weight=1.0", *SIZES],
+        "attribute": ["semantic.attribute_weight=1.0", *SIZES],
+        "region_feature": ["semantic.feature_weight=1.0", *SIZES], "soho_recipe": SOHO_RECIPE}
 
 
 def shape_hard_pairs(downstream: Path) -> tuple[list[str], list[str], list[int]]:
@@ -94,6 +107,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--arms", default="soho,soho+semantic", help=f"any of {', '.join(ARMS)}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--checkpoints", default="40,120,200", help="steps scored on shape-hard pairs and retrieval")
@@ -118,9 +132,10 @@ def main() -> None:
         torch.save(train_concept_classifier(f"{root}/shards/train", f"{root}/shards/val")[0], cnn)
     hard = shape_hard_pairs(root / "downstream")
     checkpoints = [int(s) for s in a.checkpoints.split(",")]
-    runs = {arm: [] for arm in ARMS}
+    arms = {arm: ARMS[arm] for arm in a.arms.split(",")}
+    runs = {arm: [] for arm in arms}
     for seed in (int(s) for s in a.seeds.split(",")):
-        for arm, extra in ARMS.items():
+        for arm, extra in arms.items():
             out = root / f"{arm.replace('+', '_')}_seed{seed}"
             seconds_per_step = pretrain(out, root, cnn, seed, a.steps, a.eval_every, math.gcd(*checkpoints), extra)
             evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

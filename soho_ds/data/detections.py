@@ -99,11 +99,9 @@ class TsvDetections:
 
     def get(self, image_id: str) -> Detections | None:
         image_id = normalise_image_id(image_id)
-        if image_id not in self.offsets:
+        line = _read_line(self.path, self.offsets, image_id)
+        if line is None:
             return None
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[image_id])
-            line = f.readline().decode()
         row = next(csv.reader([line], delimiter="\t"))
         where = f"{self.path}: image {image_id}"
         if len(row) == len(LXMERT_FIELDS):
@@ -200,11 +198,10 @@ class VinVLDetections:
 
     def get(self, image_id: str) -> Detections | None:
         key = normalise_image_id(image_id)
-        if key not in self.offsets:
+        line = _read_line(self.path, self.offsets, key)
+        if line is None:
             return None
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[key])
-            raw_id, _, payload = f.readline().decode().rstrip("\n").partition("\t")
+        raw_id, _, payload = line.rstrip("\n").partition("\t")
         where = f"{self.path}: image {raw_id}"
         try:
             record = json.loads(payload)
@@ -239,11 +236,10 @@ class TsvFeatures:
         self.offsets = _line_offsets(self.path)
 
     def get(self, key: str, n: int) -> np.ndarray:
-        if key not in self.offsets:
+        line = _read_line(self.path, self.offsets, key)
+        if line is None:
             raise DetectionsError(f"{self.path}: no features for image {key}, which the predictions list")
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[key])
-            fields = f.readline().decode().rstrip("\n").split("\t")
+        fields = line.rstrip("\n").split("\t")
         values = np.frombuffer(base64.b64decode(fields[-1]), dtype=np.float32)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -251,6 +247,15 @@ class TsvFeatures:
             raise DetectionsError(f"{self.path}: image {key}: {values.size} values for {n} boxes; expected "
                                   f"{self.dim} (or {self.dim} + 6) per box")
         return values.reshape(n, -1)[:, :self.dim]
+
+
+def _read_line(path: Path, offsets: dict[str, int], key: str) -> str | None:
+    """The line of normalised id `key` (None if the file has none)."""
+    if key not in offsets:
+        return None
+    with open(path, "rb") as f:
+        f.seek(offsets[key])
+        return f.readline().decode()
 
 
 def _line_offsets(path: Path) -> dict[str, int]:

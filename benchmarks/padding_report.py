@@ -193,11 +193,14 @@ def normalisation_effect(model_path: str, images: str, n: int = 48, batch: int =
             p = model.preprocess(b)
             images_, sizes = p["images"], p["image_sizes"]
             wider = F.pad(images_, (0, 128, 0, 128))
-            context = (lambda x: training_norms(soho, "batch", "all", sizes, tuple(x.shape[-2:]))) if mode == "training" \
-                else (lambda x: contextlib.nullcontext())
-            with context(images_):
+            def norms(x):
+                if mode == "eval":
+                    return contextlib.nullcontext()
+                return training_norms(soho, "batch", "all", sizes, tuple(x.shape[-2:]))
+
+            with norms(images_):
                 base = soho.encode_image(images_, sizes)
-            with context(wider):
+            with norms(wider):
                 more = soho.encode_image(wider, sizes)
             shifts.append(token_shift(more, base, base.grid))
         rows.append({"batches": f"grouped, +128 px padding ({mode} mode)", "backbone_norm": "batch",

@@ -102,6 +102,23 @@ def test_a_training_step_issues_no_host_sync(tmp_path, synthetic_data, world_of_
     assert theirs == _deepspeed_norm_checks(4, 6)
 
 
+def test_sohos_recipe_choices_issue_no_host_sync_either(tmp_path, synthetic_data, world_of_one):
+    """The official choices of configs/pretrain_coco_vg.yaml (released VD update, gate, MVM and MLM on every
+    pass, raw-cosine MVM, bias-free ITM on the raw [CLS], decay on everything) in the same loop."""
+    counter = SyncCounter()
+    counter.steps = 0
+    official = ["model.vd_variant=official", "model.vd_momentum=0.4", "model.gate=official", "model.pooling=raw_cls",
+                "model.itm_bias=false", "pretrain.mvm_head=official", "pretrain.mvm_pairs=all",
+                "pretrain.mlm_pairs=all", "train.decay_norms_and_biases=true"]
+    with counter:
+        _pretrain(tmp_path, synthetic_data, 4, ["pretrain.mvm_prob=1.0", "train.log_every=2", *official],
+                  counter.hooks())
+    assert counter.steps == 4
+    assert {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")} == {}
+    # three param groups (CNN, transformer, heads), all with weight decay
+    assert {k: n for k, n in counter.calls.items() if k[0].startswith("deepspeed:")} == _deepspeed_norm_checks(4, 3)
+
+
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])
 def test_a_finetune_step_issues_no_host_sync(tmp_path, downstream, world_of_one, task):
     """The finetune loop through its driver (VQA's BCE head; retrieval's sampled hard negatives and ITC)."""

@@ -1,6 +1,7 @@
 """Semantic visual losses: boxes through DALI augmentation, the three losses, empty images, the tool."""
 import base64
 import csv
+import io
 import json
 import math
 import subprocess
@@ -18,7 +19,7 @@ from soho_ds.models.semantic import SemanticVisualHeads, attribute_loss, object_
 from soho_ds.pretrain.model import SohoPretrainer
 from soho_ds.synthetic.world import ATTRIBUTE_CLASSES, COLOURS, OBJECT_CLASSES, REGION_FEATURE_DIM
 
-from conftest import ROOT, tiny_model_config
+from conftest import REALDATA, ROOT, tiny_model_config
 
 SPEC = RegionSpec(num_attributes=len(ATTRIBUTE_CLASSES), features=True)
 SEMANTIC = SemanticConfig(object_weight=1.0, attribute_weight=1.0, feature_weight=1.0, num_objects=len(OBJECT_CLASSES),
@@ -278,6 +279,7 @@ def test_attach_detections_rejects_a_broken_tsv_line(tmp_path, synthetic_data):
         TsvDetections(tsv).get("img1")
 
 
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is absent")
 COCO_PHOTOS = {262148: "COCO_val2014_000000262148.jpg", 393225: "COCO_val2014_000000393225.jpg",
                458752: "COCO_train2014_000000458752.jpg"}
 
@@ -285,12 +287,9 @@ COCO_PHOTOS = {262148: "COCO_val2014_000000262148.jpg", 393225: "COCO_val2014_00
 def coco_shards(tmp_path):
     """The real COCO photos of ../shared/realdata as a shard set, image_id the integer COCO id (as the coco
     converter writes it)."""
-    from conftest import REALDATA
     from soho_ds.data.convert import write_shards
     from soho_ds.data.sources import Record
 
-    if not (REALDATA / "coco/images").is_dir():
-        pytest.skip("../shared/realdata is absent")
     records = [Record(f"coco_{i}", str(REALDATA / "coco/images" / name), [f"photo {i}"],
                       {"source": "coco", "image_id": i}) for i, name in COCO_PHOTOS.items()]
     write_shards(records, tmp_path / "coco", {"source": "coco"}, samples_per_shard=2, workers=1, progress=False)
@@ -310,10 +309,11 @@ def attached(out):
                 key = name[:-5]
                 feats = members.get(f"{key}.feats.npy")
                 found[key] = (json.loads(data)["detections"],
-                              None if feats is None else np.load(__import__("io").BytesIO(feats)))
+                              None if feats is None else np.load(io.BytesIO(feats)))
     return found
 
 
+@needs_realdata
 def test_vinvl_predictions_attach_by_coco_file_stem_with_the_label_maps_ids_and_features(tmp_path):
     """VinVL's layout, written here from its documentation: predictions.tsv (id, JSON objects with rect,
     class, conf, attributes, attr_scores), features.tsv (id, box count, base64 of 2,048 + 6 floats a box)
@@ -362,6 +362,7 @@ def test_vinvl_predictions_attach_by_coco_file_stem_with_the_label_maps_ids_and_
         attach_detections(str(shards), tmp_path / "out_bad", open_detections(bad, 0.0, label_map))
 
 
+@needs_realdata
 def test_butd_ids_are_normalised_a_file_matching_nothing_is_refused_and_missing_classes_stop_the_losses(
         tmp_path, tokenizer):
     """LXMERT/BUTD TSVs name COCO images by file stem: they attach to integer ids. A file for other images

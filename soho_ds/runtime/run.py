@@ -169,10 +169,11 @@ def prepare(options: RunOptions, checkpoint_config: tuple[dict, str] | None = No
 
 def schedule_in_steps(cfg: RunConfig, samples: int | None, ds: dict, unit: str = "samples") -> RunConfig:
     """The run config with train.epochs (budget, milestones) turned into optimizer steps of the global
-    batch; unchanged where the budget is in steps. `samples`: what one epoch holds, counted in `unit`."""
+    batch (where the budget is in steps, only a warm-up ratio is turned into steps). `samples`: what one
+    epoch holds, counted in `unit`."""
+    train = cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source)  # a warm-up ratio applies either way
     if cfg.train.epochs <= 0:
-        return dataclasses.replace(cfg, train=cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source))
-    train = cfg.train.in_steps(samples, ds["train_batch_size"], cfg.source)
+        return dataclasses.replace(cfg, train=train)
     log.info("train.epochs %g of %d %s at a global batch of %d: %d steps%s", cfg.train.epochs, samples,
              unit.replace("_", " "), ds["train_batch_size"], train.max_steps,
              f", learning-rate milestones at steps {', '.join(str(int(m)) for m in train.lr_milestones)}"

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return dict(images=48, shorter=64, photos=(64,), micro=2, steps=4, log_every=2, finetune_steps=2,
+        # two stages at a time (jobs): the tiny figures time nothing, and each stage is mostly start-up
+        return dict(images=48, shorter=64, photos=(64,), micro=2, steps=4, log_every=2, finetune_steps=2, jobs=2,
                     model=["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=1",
                            "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32",
                            "model.pool_last=false"],
@@ -54,7 +56,8 @@ def sizes(tiny: bool) -> dict:
                     bench=dict(backbone="resnet18", layers=1, square=64, batch=2, iters=1, aspect="64/96",
                                throughput_batch=2,  # torch.compile takes minutes on 2 CPU cores: GPU only
                                train_options="channels_last_params,channels_last_params_after,channels_last_inputs"))
-    return dict(images=640, shorter=600, photos=(480, 750), micro=16, steps=15, log_every=5, finetune_steps=6, model=[],
+    return dict(images=640, shorter=600, photos=(480, 750), micro=16, steps=15, log_every=5, finetune_steps=6, jobs=1,
+                model=[],
                 data=[], finetune_data=[],
                 bench=dict(backbone="resnet101", layers=12, square=384, batch=32, iters=5, aspect="600/1000",
                            throughput_batch=64, train_options="channels_last_params,channels_last_params_after,"
@@ -82,6 +85,17 @@ def run(args: list[str], log: Path) -> tuple[bool, float, str]:
             return False, time.time() - t0, f"{args[0]}: {e}"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return proc.returncode == 0, time.time() - t0, lines[-1][:240] if lines else ""
+
+
+def in_order(calls: list, jobs: int):
+    """Each call's result in the calls' order, `jobs` calls running at a time (1 on a GPU: each figure
+    times the machine alone, and a run stopped at a time limit has finished the earlier stages)."""
+    if jobs == 1:
+        return (call() for call in calls)
+    pool = ThreadPoolExecutor(jobs)
+    futures = [pool.submit(call) for call in calls]
+    pool.shutdown(wait=False)  # the submitted calls still run
+    return (f.result() for f in futures)
 
 
 def launch(driver: str, ds: Path, config: str, sets: list[str], log: Path, extra: list[str] = ()):
@@ -150,10 +164,11 @@ def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None
     if torch.cuda.is_available():  # cuDNN may differ run to run on a GPU: a second off run tells overlap's share
         runs["fp16 again (control)"] = runs["fp16 (zero2.json)"]
     rows, figures, checkpoint = [], {}, None
-    for i, (name, ds) in enumerate(runs.items()):
+    calls = [lambda i=i, ds=ds: launch("pretrain", ds, "configs/pretrain_coco_vg.yaml",
+                                       base + [f"train.output_dir={work / f'pretrain{i}'}"], work / f"pretrain{i}.log")
+             for i, ds in enumerate(runs.values())]
+    for i, (name, (ok, seconds, last)) in enumerate(zip(runs, in_order(calls, s["jobs"]))):
         out = work / f"pretrain{i}"
-        ok, seconds, last = launch("pretrain", ds, "configs/pretrain_coco_vg.yaml",
-                                   base + [f"train.output_dir={out}"], work / f"pretrain{i}.log")
         if not ok:
             rows.append({"check": f"pretrain {name}", "result": "failed", "detail": f"{seconds:.0f} s; {last}"})
             continue
@@ -183,14 +198,15 @@ def _losses(losses: dict) -> str:
     return ", ".join(f"{step}: {loss:.4f}" for step, loss in sorted(losses.items(), key=lambda kv: int(kv[0])))
 
 
-def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, tokenizer: str | None, tiny: bool):
-    """Step 3: VQA and NLVR2 finetunes from the pretraining checkpoint, through their drivers."""
-    rows = []
+def finetune_calls(downstream: Path, checkpoint: Path, work: Path, s: dict, tokenizer: str | None, tiny: bool):
+    """Step 3: VQA and NLVR2 finetunes from the pretraining checkpoint, through their drivers: a call
+    each, which returns its row."""
     tasks = {"vqa": ["task.train_file=vqa/questions_train.json", "task.train_answers=vqa/annotations_train.json",
                      "task.eval_file=vqa/questions_val.json", "task.eval_answers=vqa/annotations_val.json",
                      "task.image_pattern='{image_id}.jpg'"],
              "nlvr2": ["task.train_file=nlvr2/train.json", "task.eval_file=nlvr2/dev.json"]}
-    for task, files in tasks.items():
+
+    def finetune(task: str, files: list[str]) -> dict:
         out = work / f"finetune_{task}"
         config = f"configs/finetune_{task}_synthetic.yaml" if tiny else f"configs/finetune_{task}.yaml"
         sets = [f.replace("=", f"={downstream}/", 1) if not f.startswith("task.image_pattern") else f for f in files]
@@ -208,39 +224,45 @@ def finetune_rows(downstream: Path, checkpoint: Path, work: Path, s: dict, token
                            if f"] {task}: " in line), "")
             detail = (f"{f['img_per_s']:.1f} images/s, peak memory {f['memory_gib']:.1f} GiB, loss scale "
                       f"{f['loss_scale']:g}, skipped {f['skipped']}; {metric}; {seconds:.0f} s")
-        rows.append({"check": f"finetune {task} from the pretraining checkpoint", "result": "ok" if ok else "failed",
-                     "detail": detail})
-    return rows
+        return {"check": f"finetune {task} from the pretraining checkpoint", "result": "ok" if ok else "failed",
+                "detail": detail}
+
+    return [lambda task=task, files=files: finetune(task, files) for task, files in tasks.items()]
 
 
-def inference_rows(downstream: Path, checkpoint: Path, work: Path) -> list[dict]:
-    """Step 4: load_model and soho-retrieve on this machine's device."""
-    import soho_ds
-
+def inference_calls(downstream: Path, checkpoint: Path, work: Path) -> list:
+    """Step 4: load_model (in this process) and soho-retrieve on this machine's device: a call each."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    images = sorted(str(p) for p in (downstream / "images").glob("*.jpg"))[:8]
-    rows = []
-    try:
-        t0 = time.time()
-        model = soho_ds.load_model(str(checkpoint), device=device)
-        p = model.itm(images[:4], ["a large red circle"] * 4)
-        rows.append({"check": f"load_model + itm on {device}", "result": "ok",
-                     "detail": f"P(matched) {[round(float(v), 3) for v in p]}; {time.time() - t0:.0f} s"})
-    except Exception as e:  # the report says which stage fails and how
-        rows.append({"check": f"load_model on {device}", "result": "failed",
-                     "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-    retrieve = shutil.which("soho-retrieve", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") \
-        or "soho-retrieve"
-    ok, seconds, last = run([retrieve, "--model", str(checkpoint), "--images", str(downstream / "images"), "--cache",
-                             str(work / "search_cache.pt"), "--top", "3", "--device", device, "a large red circle"],
-                            work / "retrieve.log")
-    rows.append({"check": f"soho-retrieve on {device}", "result": "ok" if ok else "failed",
-                 "detail": f"{seconds:.0f} s; {last}"})
-    return rows
+
+    def load_model() -> dict:
+        import soho_ds
+
+        images = sorted(str(p) for p in (downstream / "images").glob("*.jpg"))[:4]
+        try:
+            t0 = time.time()
+            model = soho_ds.load_model(str(checkpoint), device=device)
+            p = model.itm(images, ["a large red circle"] * 4)
+            return {"check": f"load_model + itm on {device}", "result": "ok",
+                    "detail": f"P(matched) {[round(float(v), 3) for v in p]}; {time.time() - t0:.0f} s"}
+        except Exception as e:  # the report says which stage fails and how
+            return {"check": f"load_model on {device}", "result": "failed",
+                    "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+    def retrieve() -> dict:
+        command = shutil.which("soho-retrieve", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                                    f"{os.environ['PATH']}") or "soho-retrieve"
+        ok, seconds, last = run([command, "--model", str(checkpoint), "--images", str(downstream / "images"),
+                                 "--cache", str(work / "search_cache.pt"), "--top", "3", "--device", device,
+                                 "a large red circle"], work / "retrieve.log")
+        return {"check": f"soho-retrieve on {device}", "result": "ok" if ok else "failed",
+                "detail": f"{seconds:.0f} s; {last}"}
+
+    return [load_model, retrieve]
 
 
-def bench_rows(shards: Path, out: Path, work: Path, b: dict, tokenizer: str | None):
-    """Step 5: the benchmarks, each writing its own report beside this one (the compiling one last)."""
+def bench_calls(shards: Path, out: Path, work: Path, b: dict, tokenizer: str | None) -> list:
+    """Step 5: the benchmarks, each writing its own report beside this one (the compiling one last): a
+    call each."""
     small = ["--backbone", b["backbone"], "--layers", str(b["layers"])] + (["--tokenizer-dir", tokenizer] if tokenizer
                                                                             else [])
     commands = {
@@ -252,10 +274,13 @@ def bench_rows(shards: Path, out: Path, work: Path, b: dict, tokenizer: str | No
                             "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))],
         "bench_train": ["benchmarks/bench_train.py", *small, "--image-size", str(b["square"]),
                         "--batch", str(b["batch"]), "--iters", str(b["iters"]), "--options", b["train_options"]]}
-    for name, args in commands.items():
+
+    def bench(name: str, args: list[str]) -> dict:
         ok, seconds, last = run([sys.executable, *args, "--out", str(out)], work / f"{name}.log")
-        yield {"check": name, "result": "ok" if ok else "failed",
-               "detail": f"{seconds:.0f} s; " + (f"see {name}.md" if ok else last)}
+        return {"check": name, "result": "ok" if ok else "failed",
+                "detail": f"{seconds:.0f} s; " + (f"see {name}.md" if ok else last)}
+
+    return [lambda name=name, args=args: bench(name, args) for name, args in commands.items()]
 
 
 def main() -> None:
@@ -293,8 +318,9 @@ def main() -> None:
         rows.extend(stage_rows)
         return write_report("gpu_check", "GPU acceptance run" + (" (tiny mode)" if tiny else ""),
                             ["check", "result", "detail"], rows,
-                            [f"{'tiny mode: ' if tiny else ''}the shipped recipe and DeepSpeed JSONs, one micro-batch "
-                             f"of {s['micro']} images per step, {s['steps']} steps, {s['images']} synthetic JPEGs "
+                            [f"{'tiny mode (two stages at a time): ' if tiny else ''}the shipped recipe and "
+                             f"DeepSpeed JSONs, one micro-batch of {s['micro']} images per step, {s['steps']} steps, "
+                             f"{s['images']} synthetic JPEGs "
                              f"with a shorter side of {' and '.join(map(str, s['photos']))} px; "
                              f"{time.time() - t0:.0f} s in all",
                              "each run's logs: --keep DIR; targets: docs/gpu.md",
@@ -303,10 +329,9 @@ def main() -> None:
 
     pretrained, checkpoint = pretrain_rows(shards, work, s, tokenizer)
     md = report(pretrained)
-    if checkpoint is not None:
-        md = report(finetune_rows(work / "downstream", checkpoint, work, s, tokenizer, tiny))
-        md = report(inference_rows(work / "downstream", checkpoint, work))
-    for row in bench_rows(shards[-1], out, work, s["bench"], tokenizer):
+    calls = [] if checkpoint is None else (finetune_calls(work / "downstream", checkpoint, work, s, tokenizer, tiny)
+                                           + inference_calls(work / "downstream", checkpoint, work))
+    for row in in_order(calls + bench_calls(shards[-1], out, work, s["bench"], tokenizer), s["jobs"]):
         md = report([row])
     failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
     print(md)

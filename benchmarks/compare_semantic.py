@@ -1,16 +1,18 @@
 """Pretraining variants on the demo, compared: does the semantic visual loss make pretraining converge
 faster, which of its three terms does it, and how do SOHO's own heads and dictionary do against
-soho-ds's defaults? Every arm from the same stand-ins (the concept-trained CNN, which reads colours
+soho-ds's departures from them? Every arm from the same stand-ins (the concept-trained CNN, which reads colours
 but not shapes, and MiniLM), several seeds each.
 
     python benchmarks/compare_semantic.py --seeds 1,2,3 --steps 200       # about 35 minutes on 2 CPU cores
-    python benchmarks/compare_semantic.py --arms soho,soho_recipe,object,attribute,region_feature \
-        --checkpoints 200 --out benchmarks/pretraining_variants
+    python benchmarks/compare_semantic.py --on departures --arms soho,soho_recipe,soho+semantic,object,attribute,\
+region_feature --checkpoints 200 --out benchmarks/pretraining_variants     # the recorded study
 
-Arm "soho": configs/pretrain_synthetic.yaml as shipped (MLM + MVM + ITM + ITC). "soho+semantic": the
+Arm "soho": configs/pretrain_synthetic.yaml as shipped (MLM + MVM + ITM + ITC, SOHO's choices), or with
+soho-ds's former defaults (`--on departures`: config.FORMER_DEFAULTS; MiniLM's mean pooling and the
+demo's then γ 0.95 kept); every other arm adds its keys to that. "soho+semantic": the
 same plus the three semantic losses on the synthetic detections (the shape is the object class,
 colour and size the attributes); "object", "attribute", "region_feature": one of them alone.
-"soho_recipe": the official choices of configs/pretrain_coco_vg.yaml (the released dictionary update at
+"soho_recipe": the official choices of configs/pretrain_coco_vg.yaml, named (the released dictionary update at
 γ 0.4, its gate, MVM and MLM on every pass, MVM's raw cosine, bias-free ITM, decay on everything)
 where the demo's encoder allows them (MiniLM's mean pooling stays: its early [CLS] is near constant).
 Every --eval-every steps the runs record held-out ITM accuracy;
@@ -36,12 +38,15 @@ from pathlib import Path
 import torch
 
 from harness import ROOT
+from soho_ds.config import FORMER_DEFAULTS, as_overrides
 
 SIZES = ["semantic.num_objects=4", "semantic.num_attributes=8", "semantic.feature_dim=64", "semantic.max_boxes=8"]
 SEMANTIC = ["semantic.object_weight=1.0", "semantic.attribute_weight=1.0", "semantic.feature_weight=1.0", *SIZES]
 SOHO_RECIPE = ["model.vd_variant=official", "model.vd_momentum=0.4", "model.gate=official", "model.itm_bias=false",
                "pretrain.mvm_head=official", "pretrain.mvm_pairs=all", "pretrain.mlm_pairs=all",
                "train.decay_norms_and_biases=true"]
+DEPARTURES = [*as_overrides({k: v for k, v in FORMER_DEFAULTS.items() if k != "model.pooling"}),
+              "model.vd_momentum=0.95"]
 ARMS = {"soho": [], "soho+semantic": SEMANTIC, "object": ["semantic.object_weight=1.0", *SIZES],
         "attribute": ["semantic.attribute_weight=1.0", *SIZES],
         "region_feature": ["semantic.feature_weight=1.0", *SIZES], "soho_recipe": SOHO_RECIPE}
@@ -108,6 +113,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--arms", default="soho,soho+semantic", help=f"any of {', '.join(ARMS)}")
+    p.add_argument("--on", choices=("shipped", "departures"), default="shipped",
+                   help="what each arm adds to: the demo's config, or it with soho-ds's former defaults")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--checkpoints", default="40,120,200", help="steps scored on shape-hard pairs and retrieval")
@@ -132,7 +139,7 @@ def main() -> None:
         torch.save(train_concept_classifier(f"{root}/shards/train", f"{root}/shards/val")[0], cnn)
     hard = shape_hard_pairs(root / "downstream")
     checkpoints = [int(s) for s in a.checkpoints.split(",")]
-    arms = {arm: ARMS[arm] for arm in a.arms.split(",")}
+    arms = {arm: (DEPARTURES if a.on == "departures" else []) + ARMS[arm] for arm in a.arms.split(",")}
     runs = {arm: [] for arm in arms}
     for seed in (int(s) for s in a.seeds.split(",")):
         for arm, extra in arms.items():

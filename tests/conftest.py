@@ -146,7 +146,7 @@ def grounded(tmp_path_factory, world_of_one):
             "downstream": root / "downstream", "seconds": time.time() - t0}
 
 
-RETRIEVAL_STEPS = 20  # rsum 476 here against 155 from random initialisation (test_grounding.py)
+RETRIEVAL_STEPS = 20  # rsum 503 here against 155 from random initialisation (test_grounding.py)
 
 
 @pytest.fixture(scope="session")
@@ -163,11 +163,12 @@ def grounded_retrieval(grounded, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def grounded_vqa(grounded, tmp_path_factory):
-    """The VQA finetune from the grounded pretraining (configs/finetune_vqa_synthetic.yaml, 60 steps)."""
+    """The VQA finetune from the grounded pretraining (configs/finetune_vqa_synthetic.yaml, 40 steps: 51.1
+    against the text-only prior's 37.2 here)."""
     from launching import finetune_in_process
 
     out = tmp_path_factory.mktemp("grounded_vqa")
-    metrics = finetune_in_process("vqa", "finetune_vqa_synthetic.yaml", grounded["downstream"], out, steps=60,
+    metrics = finetune_in_process("vqa", "finetune_vqa_synthetic.yaml", grounded["downstream"], out, steps=40,
                                   init=grounded["checkpoint"], sets=["train.warmup_steps=6"])
     return {"metrics": metrics, "run": out / "run", "checkpoint": out / "run" / "checkpoints"}
 

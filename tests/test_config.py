@@ -213,6 +213,25 @@ def test_overrides_pass_through_the_same_validation(tmp_path):
         saved_run_config(broken, "saved")
 
 
+def test_a_model_saved_before_sohos_choices_were_the_defaults_loads_as_it_was_trained(tmp_path):
+    """A run config written before model.pooling/itm_bias/gate/vd_variant existed was trained with the
+    former defaults: it reads back with them (and its weights load), while a new config gets SOHO's."""
+    from conftest import tiny_model_config
+    from soho_ds.config import RunConfig, saved_run_config
+    from soho_ds.models.soho import SohoModel
+
+    fresh = RunConfig(model=tiny_model_config())
+    assert (fresh.model.pooling, fresh.model.itm_bias, fresh.model.gate, fresh.model.vd_variant) == (
+        "raw_cls", False, "official", "official")
+    old = fresh.to_dict()
+    for key in ("pooling", "itm_bias", "gate", "vd_variant"):
+        del old["model"][key]
+    read = saved_run_config(old, "old.yaml").model
+    assert (read.pooling, read.itm_bias, read.gate, read.vd_variant) == ("cls", True, "linear", "soho_ds")
+    trained = SohoModel(tiny_model_config(pooling="cls", gate="linear", vd_variant="soho_ds"))
+    SohoModel(read).load_state_dict(trained.state_dict())  # strict: the same parameters and buffers
+
+
 def test_the_checkpoint_carries_the_model(tmp_path):
     """--init's run config supplies the architecture; a finetune YAML may change only the finetune
     keys; a contradiction is refused naming the key; weight sources are refused."""
@@ -384,7 +403,8 @@ def test_param_groups_give_the_cnn_and_the_heads_their_multipliers_and_skip_deca
     from soho_ds.pretrain.model import SohoPretrainer
 
     model = SohoPretrainer(tiny_model_config(), PretrainConfig(itc_weight=1.0))
-    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0, head_lr_mult=5.0))}
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, cnn_lr_mult=10.0, head_lr_mult=5.0,
+                                                                     decay_norms_and_biases=False))}
     assert groups["cnn"]["lr"] == pytest.approx(1e-3) and groups["transformer"]["lr"] == pytest.approx(1e-4)
     assert groups["head"]["lr"] == pytest.approx(5e-4)
     assert groups["transformer_no_decay"]["weight_decay"] == 0.0

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT
 from launching import TINY
+from soho_ds.config import FORMER_DEFAULTS, as_overrides
 
 aten = torch.ops.aten
 
@@ -84,16 +85,21 @@ def _deepspeed_norm_checks(steps: int, groups: int) -> dict:
     return {("deepspeed:utils.py:is_invalid_grad_norm", "_local_scalar_dense"): steps * (groups + 1)}
 
 
+DEPARTURES = as_overrides(FORMER_DEFAULTS)
+
+
 def test_a_training_step_issues_no_host_sync(tmp_path, synthetic_data, world_of_one):
-    """Every objective on (MLM, MVM on every pair, ITM, ITC) and the VD with data initialisation and
-    re-seeding: the steps of the real loop (forward, backward, optimizer step, VD update) issue no
-    synchronising operation from soho-ds's code; what DeepSpeed's own step issues is counted exactly,
-    so a change on either side shows."""
+    """Every objective on (MLM, MVM on every pair, ITM, ITC) and soho-ds's departures from SOHO (the VD
+    with data initialisation and re-seeding, the projected MVM on matched pairs, ...): the steps of the
+    real loop (forward, backward, optimizer step, VD update) issue no synchronising operation from
+    soho-ds's code; what DeepSpeed's own step issues is counted exactly, so a change on either side
+    shows."""
     counter = SyncCounter()
     counter.steps = 0
     with counter:
         _pretrain(tmp_path, synthetic_data, 4, ["pretrain.mvm_prob=1.0", "pretrain.itc_weight=0.5",
-                                                "model.vd_restart_below=0.5", "train.log_every=2"], counter.hooks())
+                                                "model.vd_restart_below=0.5", "train.log_every=2", *DEPARTURES],
+                  counter.hooks())
     assert counter.steps == 4
     ours = {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")}
     assert ours == {}, ours
@@ -102,17 +108,13 @@ def test_a_training_step_issues_no_host_sync(tmp_path, synthetic_data, world_of_
     assert theirs == _deepspeed_norm_checks(4, 6)
 
 
-def test_sohos_recipe_choices_issue_no_host_sync_either(tmp_path, synthetic_data, world_of_one):
-    """The official choices of configs/pretrain_coco_vg.yaml (released VD update, gate, MVM and MLM on every
-    pass, raw-cosine MVM, bias-free ITM on the raw [CLS], decay on everything) in the same loop."""
+def test_sohos_choices_issue_no_host_sync_either(tmp_path, synthetic_data, world_of_one):
+    """The defaults, SOHO's official choices (released VD update, gate, MVM and MLM on every pass,
+    raw-cosine MVM, bias-free ITM on the raw [CLS], decay on everything), in the same loop."""
     counter = SyncCounter()
     counter.steps = 0
-    official = ["model.vd_variant=official", "model.vd_momentum=0.4", "model.gate=official", "model.pooling=raw_cls",
-                "model.itm_bias=false", "pretrain.mvm_head=official", "pretrain.mvm_pairs=all",
-                "pretrain.mlm_pairs=all", "train.decay_norms_and_biases=true"]
     with counter:
-        _pretrain(tmp_path, synthetic_data, 4, ["pretrain.mvm_prob=1.0", "train.log_every=2", *official],
-                  counter.hooks())
+        _pretrain(tmp_path, synthetic_data, 4, ["pretrain.mvm_prob=1.0", "train.log_every=2"], counter.hooks())
     assert counter.steps == 4
     assert {k: n for k, n in counter.calls.items() if not k[0].startswith("deepspeed:")} == {}
     # three param groups (CNN, transformer, heads), all with weight decay

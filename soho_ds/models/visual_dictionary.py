@@ -56,7 +56,7 @@ def _all_gather(local: torch.Tensor) -> torch.Tensor:
         return local
     world = dist.get_world_size()
     gathered = torch.empty(world * local.shape[0], *local.shape[1:], device=local.device, dtype=local.dtype)
-    dist.all_gather_into_tensor(gathered, local.contiguous())
+    dist.all_gather_single(gathered, local.contiguous())
     return gathered
 
 

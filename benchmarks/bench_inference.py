@@ -110,7 +110,7 @@ class Res5Head(nn.Module):
 
 
 class BUTDRegions(RegionScorer):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, proposals: int = BUTD_PROPOSALS):
         super().__init__(cfg, 2048)
         resnet = torchvision.models.resnet101(weights=None)
         _finite_random(resnet)
@@ -120,13 +120,13 @@ class BUTDRegions(RegionScorer):
         self.detector = FasterRCNN(
             trunk, min_size=600, max_size=1000,
             rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
-            rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=BUTD_PROPOSALS,
+            rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=proposals,
             box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2),
             box_head=Res5Head(resnet.layer4),
             box_predictor=torchvision.models.detection.faster_rcnn.FastRCNNPredictor(2048, 1601))
 
     def regions(self, images):
-        """As bottom-up attention extracts features: res5 on all 300 proposals, per-class NMS over the
+        """As bottom-up attention extracts features: res5 on every proposal (300), per-class NMS over the
         1,600 object classes, then the most confident 10-100 proposals and their pooled features."""
         det = self.detector
         batch, _ = det.transform(list(images))
@@ -163,6 +163,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1000)
     p.add_argument("--throughput-batch", type=int, default=64 if torch.cuda.is_available() else 2)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--proposals", type=int, default=BUTD_PROPOSALS, help="BUTD's proposals (fewer: a quick run)")
     p.add_argument("--tokenizer-dir", help="WordPiece vocab folder (default: bert-base-uncased's, packaged)")
     p.add_argument("--out", default="benchmarks")
     a = p.parse_args()
@@ -172,7 +173,8 @@ def main() -> None:
     tokenizer = load_tokenizer(a.tokenizer_dir)
     rows = []
     for name, build in (("SOHO (pixels, end to end)", SohoScorer),
-                        ("region features, BUTD (R101-C4, 300 proposals, res5 head) + same BERT", BUTDRegions),
+                        (f"region features, BUTD (R101-C4, {a.proposals} proposals, res5 head) + same BERT",
+                         lambda cfg: BUTDRegions(cfg, a.proposals)),
                         ("region features, Faster R-CNN R101-FPN + same BERT", FPNRegions)):
         model = build(cfg).to(device).eval()
         if hasattr(model, "detector"):  # the detectors resize their input: to the size SOHO is given
@@ -204,7 +206,7 @@ def main() -> None:
          f"SOHO speed-up, batch {a.throughput_batch}"], rows,
         [f"{a.height}x{a.width} images, one 24-token caption each, {a.layers}-layer BERT-base fusion + ITM head on all "
          f"three; SOHO backbone {a.backbone} (stride 64 grid); {'fp16 autocast' if device.type == 'cuda' else 'fp32'}",
-         f"BUTD side: res5 on {BUTD_PROPOSALS} proposals of 14x14, per-class NMS (0.3) over 1,600 classes, boxes with "
+         f"BUTD side: res5 on {a.proposals} proposals of 14x14, per-class NMS (0.3) over 1,600 classes, boxes with "
          f"confidence >= {BUTD_CONF}, at least {BUTD_MIN} and at most {BUTD_MAX}, 2,048-d features",
          "random weights (timing only); speed-up = the pipeline's time / SOHO's (the paper reports about 10x)"], a.out)
     print(md)

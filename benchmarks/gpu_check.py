@@ -53,15 +53,16 @@ def sizes(tiny: bool) -> dict:
                           "data.num_threads=1"],
                     finetune_data=["data.shorter_side=64", "data.longer_side=96", "data.train_shorter_sides=[64]",
                                    "data.num_threads=1"],
-                    bench=dict(backbone="resnet18", layers=1, square=64, batch=2, iters=1, aspect="64/96",
+                    bench=dict(backbone="resnet18", layers=1, square=64, batch=2, iters=1, aspect="64/96", proposals=30,
                                throughput_batch=2,  # torch.compile takes minutes on 2 CPU cores: GPU only
                                train_options="channels_last_params,channels_last_params_after,channels_last_inputs"))
     return dict(images=640, shorter=600, photos=(480, 750), micro=16, steps=15, log_every=5, finetune_steps=6, jobs=1,
                 model=[],
                 data=[], finetune_data=[],
                 bench=dict(backbone="resnet101", layers=12, square=384, batch=32, iters=5, aspect="600/1000",
-                           throughput_batch=64, train_options="channels_last_params,channels_last_params_after,"
-                                                              "channels_last_inputs,compile_cnn"))
+                           proposals=300, throughput_batch=64,
+                           train_options="channels_last_params,channels_last_params_after,channels_last_inputs,"
+                                         "compile_cnn"))
 
 
 def free_port() -> int:
@@ -271,7 +272,8 @@ def bench_calls(shards: Path, out: Path, work: Path, b: dict, tokenizer: str | N
                        "--threads", "8" if torch.cuda.is_available() else "1"],
         "bench_inference": ["benchmarks/bench_inference.py", *small, *(["--height", "64", "--width", "96"] if
                                                                    b["backbone"] == "resnet18" else []),
-                            "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2))],
+                            "--throughput-batch", str(b["throughput_batch"]), "--iters", str(max(1, b["iters"] // 2)),
+                            "--proposals", str(b["proposals"])],
         "bench_train": ["benchmarks/bench_train.py", *small, "--image-size", str(b["square"]),
                         "--batch", str(b["batch"]), "--iters", str(b["iters"]), "--options", b["train_options"]]}
 

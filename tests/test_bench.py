@@ -90,7 +90,7 @@ def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
     inference = json.loads((tmp_path / "bench_inference.json").read_text())["rows"]
     assert [r["pipeline"].split(" (")[0].split(",")[0] for r in inference] == ["SOHO", "region features",
                                                                               "region features"]
-    assert "BUTD" in inference[1]["pipeline"] and "FPN" in inference[2]["pipeline"]
+    assert "BUTD (R101-C4, 30 proposals" in inference[1]["pipeline"] and "FPN" in inference[2]["pipeline"]
     assert inference[0]["SOHO speed-up, batch 1"] == 1  # SOHO is the baseline of the comparison
 
 

@@ -53,19 +53,12 @@ demo: $(DATA)/manifest.json $(BACKBONE)
 	    "a large red circle"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
-# Two pytest processes at once, on the two cores a CI machine has: the trainings in this process (they
-# share one distributed world and the trained models), and beside them the unit tests and the tests
-# that only launch subprocesses, whose report follows.
+# Two workers: the training runs one after another in one, the unit tests in the other (conftest.py).
 test: $(STAMP)
-	@beside=$$(mktemp); main=0; other=0; \
-	$(PY) -m pytest -q -ra --durations=10 -m "not slow or launches" > $$beside 2>&1 & pid=$$!; \
-	$(PY) -m pytest -q -ra --durations=25 -m "slow and not launches" || main=$$?; \
-	wait $$pid || other=$$?; \
-	echo "--- beside it: the unit tests and the launch-only tests ---"; cat $$beside; rm -f $$beside; \
-	exit $$(( main || other ))
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" -n 2
 
 # Side-by-side benchmarks on whatever device is present; JSON + Markdown under benchmarks/.
 bench: $(STAMP)

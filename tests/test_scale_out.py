@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, free_port
 from launching import ENV, history, launch, launch_command, train_log
 
-pytestmark = pytest.mark.launches  # subprocesses only: `make test` runs them beside the in-process trainings
+# subprocesses only: under `make test` these run in the worker beside the unit tests (conftest.py)
+pytestmark = pytest.mark.xdist_group("launches")
 
 RESUME = ["train.save_every=3", "train.eval_every=0"]
 

@@ -53,12 +53,11 @@ demo: $(DATA)/manifest.json $(BACKBONE)
 	    "a large red circle"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs"
 
-# Two workers: the training runs one after another in one, the unit tests in the other (conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" -n 2
+	$(PY) -m pytest -q -ra -m "not slow"
 
 # Side-by-side benchmarks on whatever device is present; JSON + Markdown under benchmarks/.
 bench: $(STAMP)

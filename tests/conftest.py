@@ -31,16 +31,10 @@ _sweep_orphaned_deepspeed_shm()
 
 def pytest_collection_modifyitems(items):
     """A test that builds an engine in this process (the world_of_one fixture, directly or through a
-    trained-model fixture) trains: it is slow, and `make test-fast` leaves it out. Under pytest-xdist
-    (`make test`: -n 2 --dist loadgroup) the slow tests run one after another in one worker, which
-    holds the session's one distributed world and the trained models, except those grouped as
-    "launches" (subprocesses only: test_scale_out.py, the GPU check), which run in the other worker
-    beside the unit tests."""
+    trained-model fixture) trains: it is slow, and `make test-fast` leaves it out."""
     for item in items:
         if "world_of_one" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group("slow"))
 
 
 def free_port() -> int:

@@ -41,7 +41,6 @@ def test_bench_data_compares_dali_with_the_dataloader_on_the_same_shards(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("launches")  # subprocesses only (conftest.py)
 def test_gpu_check_drives_the_production_path_in_tiny_mode(tmp_path):
     """The GPU acceptance run on a CPU (tiny sizes): pretraining through `deepspeed launch/pretrain.py`
     under each shipped DeepSpeed JSON, the overlap_comm comparison, VQA and NLVR2 finetunes from that

@@ -18,9 +18,6 @@ import pytest
 from conftest import ROOT, free_port
 from launching import ENV, history, launch, launch_command, train_log
 
-# subprocesses only: under `make test` these run in the worker beside the unit tests (conftest.py)
-pytestmark = pytest.mark.xdist_group("launches")
-
 RESUME = ["train.save_every=3", "train.eval_every=0"]
 
 

@@ -586,6 +586,7 @@ def _apply_checkpoint_model(tree: dict, checkpoint_model: dict, checkpoint_sourc
     stated = tree.get("model") or {}
     if not isinstance(stated, dict):
         raise ConfigError(f"{path}: model: expected a mapping")
+    checkpoint_model = _as_trained(checkpoint_model)
     merged = {**checkpoint_model, **{k: None for k in WEIGHT_SOURCES}}
     for key, value in stated.items():
         if key in WEIGHT_SOURCES:
@@ -668,6 +669,12 @@ FORMER_DEFAULTS = {"model.pooling": "cls", "model.itm_bias": True, "model.gate":
                    "train.decay_norms_and_biases": False}
 
 
+def _as_trained(saved_model: dict) -> dict:
+    """A saved run config's model section with each key it predates at the value it was trained with."""
+    former = {k.split(".", 1)[1]: v for k, v in FORMER_DEFAULTS.items() if k.startswith("model.")}
+    return {**former, **saved_model}
+
+
 def as_overrides(values: dict) -> list[str]:
     """`--set` strings (key.sub=value, YAML values) for a {dotted key: value} mapping."""
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
@@ -679,11 +686,7 @@ def saved_run_config(tree: dict, source: str) -> RunConfig:
     exist (an exported model travels without the files it was trained on) and the weight sources
     are dropped (the weights are the checkpoint's)."""
     tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (tree or {}).items()}
-    model = tree.setdefault("model", {})
-    model.update({k: None for k in WEIGHT_SOURCES})
-    for key, value in FORMER_DEFAULTS.items():  # a model key missing from a run config saved before it existed
-        if key.startswith("model."):
-            model.setdefault(key.split(".", 1)[1], value)
+    tree["model"] = {**_as_trained(tree.get("model") or {}), **{k: None for k in WEIGHT_SOURCES}}
     try:
         cfg = _build(RunConfig, tree, "")
     except ConfigError as e:

@@ -230,6 +230,10 @@ def test_a_model_saved_before_sohos_choices_were_the_defaults_loads_as_it_was_tr
     assert (read.pooling, read.itm_bias, read.gate, read.vd_variant) == ("cls", True, "linear", "soho_ds")
     trained = SohoModel(tiny_model_config(pooling="cls", gate="linear", vd_variant="soho_ds"))
     SohoModel(read).load_state_dict(trained.state_dict())  # strict: the same parameters and buffers
+    # a finetune from it (--init) takes the same architecture
+    finetune = load_config(write(tmp_path, "model:\n  dropout: 0.0\n"), checkpoint_config=(old, "old.yaml")).model
+    assert (finetune.pooling, finetune.itm_bias, finetune.gate, finetune.vd_variant) == (
+        "cls", True, "linear", "soho_ds")
 
 
 def test_the_checkpoint_carries_the_model(tmp_path):

@@ -15,7 +15,6 @@ import json
 import logging
 
 from soho_ds.config import one_line_errors
-from soho_ds.data.detections import attach_detections, open_detections
 
 
 def main() -> None:
@@ -29,6 +28,8 @@ def main() -> None:
     p.add_argument("--label-map", help="VinVL: VG-SGG-dicts-vgoi6-clipped.json (class and attribute names to ids)")
     p.add_argument("--features", help="VinVL: the features.tsv beside predictions.tsv (region features)")
     a = p.parse_args()
+    # imported after parsing: --help answers without loading torch
+    from soho_ds.data.detections import attach_detections, open_detections
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
         source = open_detections(a.detections, a.attr_threshold, a.label_map, a.features)

@@ -10,10 +10,7 @@ see tools/export.py.
 import argparse
 import logging
 
-import torch
-
 from soho_ds.config import one_line_errors
-from soho_ds.saved import write_consolidated
 
 
 def main() -> None:
@@ -23,6 +20,10 @@ def main() -> None:
     p.add_argument("--tag", help="a tag other than the latest")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args()
+    # imported after parsing: --help answers without loading torch
+    import torch
+
+    from soho_ds.saved import write_consolidated
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
         out = write_consolidated(a.checkpoint_dir, a.output, a.tag, a.force)

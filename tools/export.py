@@ -10,7 +10,6 @@ import argparse
 import logging
 
 from soho_ds.config import one_line_errors
-from soho_ds.saved import write_export
 
 
 def main() -> None:
@@ -19,6 +18,8 @@ def main() -> None:
     p.add_argument("out", help="the folder to write")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     a = p.parse_args()
+    # imported after parsing: --help answers without loading torch
+    from soho_ds.saved import write_export
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with one_line_errors():
         out = write_export(a.checkpoint, a.out, a.overwrite)

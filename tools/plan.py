@@ -11,9 +11,7 @@ number. --efficiency scales it for what multi-node scaling keeps (1.0: linear).
 """
 import argparse
 
-from soho_ds.bench.plan import format_plan, measured_images_per_s, plan, source_sizes
 from soho_ds.config import ConfigError, load_config, one_line_errors
-from soho_ds.runtime.engine import load_ds_config
 
 
 def main() -> None:
@@ -28,6 +26,9 @@ def main() -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=[8])
     p.add_argument("--efficiency", type=float, default=1.0, help="share of linear scaling kept (0, 1]")
     a = p.parse_args()
+    # imported after parsing: --help answers without loading torch
+    from soho_ds.bench.plan import format_plan, measured_images_per_s, plan, source_sizes
+    from soho_ds.runtime.engine import load_ds_config
     with one_line_errors():
         cfg = load_config(a.config, a.set)
         if not cfg.data.train_shards:

@@ -13,9 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-import soho_ds
 from soho_ds.config import one_line_errors
-from soho_ds.search import ImageIndex
 
 
 def main() -> None:
@@ -35,6 +33,10 @@ def main() -> None:
 
 
 def search(a: argparse.Namespace) -> None:
+    # imported here, not at the top: --help answers without loading torch
+    import soho_ds
+    from soho_ds.search import ImageIndex
+
     model = soho_ds.load_model(a.model, a.device)
     model_id = f"{Path(a.model).resolve()}:{Path(a.model).stat().st_mtime_ns}"
     index = ImageIndex(model, a.images, a.cache, model_id)

@@ -13,8 +13,6 @@ BACKBONE ?= $(DATA)/resnet18_concepts.pth
 PORT = $(shell $(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 LAUNCH = OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) --master_port $(PORT)
 
-# DeepSpeed JIT-builds its shm comm op on first use (~35 s): keep the build outside the clone.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/soho_ds/torch_extensions
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 

@@ -11,24 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from soho_ds.config import ModelConfig  # noqa: E402
 
 
-def _sweep_orphaned_deepspeed_shm():
-    """Runs of DeepSpeed's CPU backend from before soho_ds unlinked them (runtime/dist.py) left 66 MB
-    a rank in /dev/shm; on a reused machine they add up to all its RAM. Removes this user's that no
-    live process maps."""
-    shm = Path("/dev/shm")
-    stale = set(shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            stale -= {p for p in stale if str(p) in maps.read_text()}
-        except OSError:  # the process ended or is not ours to read
-            continue
-    for p in stale:
-        p.unlink(missing_ok=True)
-
-
-_sweep_orphaned_deepspeed_shm()
-
-
 def pytest_collection_modifyitems(items):
     """A test that builds an engine in this process (the world_of_one fixture, directly or through a
     trained-model fixture) trains: it is slow, and `make test-fast` leaves it out."""

@@ -7,7 +7,6 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -68,6 +67,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        if not cuda:
+            _skip_shm_allreduce()
         try:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout, verbose=False)
         except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
@@ -76,28 +77,20 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
                 raise PortInUse(f"port {port} on {addr} is already in use, most likely by another job: give this "
                                 f"one its own port (deepspeed --master_port P ...)") from None
             raise
-        _unlink_shm_allreduce_buffer(dist.get_rank())
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shm_allreduce_buffer(rank: int) -> Path:
-    """Where DeepSpeed's CPU backend puts `rank`'s shared-memory all-reduce workspace (its shm.cpp
-    naming) when every rank is on one host."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+def _skip_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~35 s; it needs a C++
+    compiler and x86) and gives each rank a 66 MB workspace in /dev/shm that it never unlinks
+    (deepspeedai/DeepSpeed#4115): run after run, RAM fills. Only its inference all-reduce uses them;
+    training reduces through gloo. Marked incompatible, the op is neither built nor loaded and that
+    all-reduce falls back to torch.distributed (DeepSpeed keeps one table of compatible ops, so the
+    mark holds)."""
+    import deepspeed.ops
 
-
-def _unlink_shm_allreduce_buffer(rank: int) -> None:
-    """DeepSpeed never unlinks that workspace (deepspeedai/DeepSpeed#4115), so every local CPU run,
-    killed or not, leaves 66 MB per rank in /dev/shm, i.e. in RAM, until the machine runs out of it.
-    Each rank has mapped all its peers' workspaces before init returns; after a barrier the names
-    are no longer needed, and the mappings live on until the processes exit."""
-    if dist.get_backend() != "gloo":  # only the CPU accelerator creates them
-        return
-    dist.barrier()
-    with contextlib.suppress(FileNotFoundError):
-        shm_allreduce_buffer(rank).unlink()
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class PortInUse(ReportedError, RuntimeError):

@@ -307,7 +307,7 @@ def test_the_file_decoder_reads_ahead_and_groups_by_orientation(tmp_path):
     assert again.shape == (1, 3, 96, 64)
 
 
-def _norm_worker(rank, world, port, mode, images, out):
+def _norm_worker(rank, world, port, modes, images, out):
     import torch.distributed as dist
 
     from conftest import tiny_model_config
@@ -315,28 +315,37 @@ def _norm_worker(rank, world, port, mode, images, out):
     from soho_ds.models.soho import SohoModel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = synchronise_norms(SohoModel(tiny_model_config(use_vd=False, backbone_norm=mode)), mode, world).train()
-    kinds = {n: type(m).__name__ for n, m in model.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    model.encode_image(images[rank]).tokens.float().square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for g in grads.values():  # the data-parallel average the engine applies
-        dist.all_reduce(g)
-        g /= world
-    out[rank] = {"kinds": kinds, "grads": grads,
-                 "stats": {n: b.clone() for n, b in model.named_buffers() if "running" in n}}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = synchronise_norms(SohoModel(tiny_model_config(use_vd=False, backbone_norm=mode)), mode, world).train()
+        kinds = {n: type(m).__name__ for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        model.encode_image(images[rank]).tokens.float().square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        for g in grads.values():  # the data-parallel average the engine applies
+            dist.all_reduce(g)
+            g /= world
+        out[(mode, rank)] = {"kinds": kinds, "grads": grads,
+                             "stats": {n: b.clone() for n, b in model.named_buffers() if "running" in n}}
     dist.destroy_process_group()
 
 
-def _norms_on_two_ranks(mode, images):
+NORM_MODES = ("batch", "sync", "frozen")
+
+
+@pytest.fixture(scope="module")
+def norms_on_two_ranks():
+    """Each backbone_norm mode's model after one step on two gloo ranks (one pair of processes for all
+    modes): the images, and mode -> (rank 0's, rank 1's) norm kinds, statistics and averaged gradients."""
     import torch.multiprocessing as mp
 
     from conftest import free_port
 
+    g = torch.Generator().manual_seed(7)
+    images = [torch.randn(2, 3, 64, 64, generator=g) + r for r in range(2)]
     out = mp.Manager().dict()
-    mp.spawn(_norm_worker, args=(2, free_port(), mode, images, out), nprocs=2, join=True)
-    return out[0], out[1]
+    mp.spawn(_norm_worker, args=(2, free_port(), NORM_MODES, images, out), nprocs=2, join=True)
+    return images, {mode: (out[(mode, 0)], out[(mode, 1)]) for mode in NORM_MODES}
 
 
 def _reference(mode, images):
@@ -354,15 +363,14 @@ NECK = "visual.proj.1"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["batch", "sync", "frozen"])
-def test_backbone_norm_modes_across_two_ranks(mode):
+@pytest.mark.parametrize("mode", NORM_MODES)
+def test_backbone_norm_modes_across_two_ranks(mode, norms_on_two_ranks):
     """batch: each rank's backbone statistics are its own (SOHO's per-GPU BatchNorm); sync: the
     backbone's statistics and gradients equal one process over both ranks' images; frozen: the
     backbone's statistics never move and its BatchNorm trains nothing. The neck is synchronised on
     several ranks in every mode."""
-    g = torch.Generator().manual_seed(7)
-    images = [torch.randn(2, 3, 64, 64, generator=g) + r for r in range(2)]
-    rank0, rank1 = _norms_on_two_ranks(mode, images)
+    images, runs = norms_on_two_ranks
+    rank0, rank1 = runs[mode]
     reference, union = _reference(mode, images)
     backbone = [n for n in rank0["stats"] if n.startswith(("backbone.layer2", "backbone.layer3", "backbone.layer4"))]
     assert backbone and rank0["kinds"][NECK] == "SyncBatchNorm2d"

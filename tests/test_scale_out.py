@@ -36,37 +36,22 @@ def reference(tmp_path_factory, synthetic_data):
     return train_log(out / "run")
 
 
-def assert_same_curve(reference, resumed, from_step):
-    assert sorted(resumed) == list(range(1, 9))
-    for step in range(from_step, 9):  # every term of every step after the resume point
+def assert_same_curve(reference, resumed, from_step, last=8):
+    assert sorted(resumed) == list(range(1, last + 1))
+    for step in range(from_step, last + 1):  # every term of every step after the resume point
         for key, value in reference[step].items():
             if key.startswith(("loss", "acc/", "vd/")):
                 assert resumed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_repeats_the_uninterrupted_loss_curve(tmp_path, synthetic_data, reference):
-    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, flags=["--inject_fault", "0:5:KILL"],
-                 expect_ok=False)  # rank 0 dies right after step 5, between the checkpoints of steps 3 and 6
-    ckpt = tmp_path / "run" / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step_00000003", log[-2000:]
-    # A checkpoint directory left half-written by a crash (shards but no meta.json, not in
-    # `latest`) must be ignored.
-    partial = ckpt / "step_00000006"
-    partial.mkdir(exist_ok=True)
-    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
-    start = history(tmp_path / "run", "start")[-1]
-    assert (start["resumed_from"], start["step"]) == ("step_00000003", 3)
-    assert_same_curve(reference, train_log(tmp_path / "run"), 4)
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_every_rank_at_the_next_step_and_the_resumed_curve_is_the_same(tmp_path, synthetic_data,
-                                                                                          reference):
+def test_a_preemption_then_a_crash_each_resume_the_uninterrupted_curve_exactly(tmp_path, synthetic_data, reference):
     """Preemption: the launcher gets SIGTERM after step 4 (and passes it on to its ranks); rank 0 holds it
     at step 4, the ranks learn of it in the all-reduce read at step 5, every rank writes the step-5
-    checkpoint and exits; --resume continues exactly."""
+    checkpoint and exits. A crash: in the resumed run rank 0 is SIGKILLed right after step 7, between the
+    checkpoints of steps 6 and 9, and a folder half-written by the crash is left beside them. Each
+    --resume continues from the last complete checkpoint, and every step after it equals the
+    uninterrupted run's."""
     log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME,
                  flags=["--inject_fault", "0:4:TERM:launcher"],
                  expect_ok=False)  # the launcher reports the signal; the ranks themselves exit cleanly
@@ -78,10 +63,21 @@ def test_sigterm_checkpoints_every_rank_at_the_next_step_and_the_resumed_curve_i
     assert json.loads((ckpt / f"step_{stopped:08d}" / "meta.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (ckpt / f"step_{stopped:08d}").glob("rank_*.pt")) == ["rank_00000.pt",
                                                                                          "rank_00001.pt"]
-    launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
+
+    log = launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True,
+                 flags=["--inject_fault", "0:7:KILL"], expect_ok=False)
     start = history(tmp_path / "run", "start")[-1]
     assert (start["resumed_from"], start["step"]) == (f"step_{stopped:08d}", stopped)
-    assert_same_curve(reference, train_log(tmp_path / "run"), stopped + 1)
+    assert_same_curve(reference, train_log(tmp_path / "run"), stopped + 1, last=7)
+    assert (ckpt / "latest").read_text() == "step_00000006", log[-2000:]
+    # A checkpoint folder left half-written by a crash (shards but no meta.json, not in `latest`) is ignored.
+    partial = ckpt / "step_00000008"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    launch(tmp_path, synthetic_data, ranks=2, steps=8, extra=RESUME, resume=True)
+    start = history(tmp_path / "run", "start")[-1]
+    assert (start["resumed_from"], start["step"]) == ("step_00000006", 6)
+    assert_same_curve(reference, train_log(tmp_path / "run"), 7)
 
 
 @pytest.mark.slow

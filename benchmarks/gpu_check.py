@@ -44,7 +44,6 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        # two stages at a time (jobs): the tiny figures time nothing, and each stage is mostly start-up
         return dict(images=48, shorter=64, photos=(64,), micro=2, steps=4, log_every=2, finetune_steps=2, jobs=2,
                     model=["model.backbone=resnet18", "model.hidden_size=64", "model.num_layers=1",
                            "model.num_heads=2", "model.intermediate_size=128", "model.vd_size=32",
@@ -86,17 +85,6 @@ def run(args: list[str], log: Path) -> tuple[bool, float, str]:
             return False, time.time() - t0, f"{args[0]}: {e}"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return proc.returncode == 0, time.time() - t0, lines[-1][:240] if lines else ""
-
-
-def in_order(calls: list, jobs: int):
-    """Each call's result in the calls' order, `jobs` calls running at a time (1 on a GPU: each figure
-    times the machine alone, and a run stopped at a time limit has finished the earlier stages)."""
-    if jobs == 1:
-        return (call() for call in calls)
-    pool = ThreadPoolExecutor(jobs)
-    futures = [pool.submit(call) for call in calls]
-    pool.shutdown(wait=False)  # the submitted calls still run
-    return (f.result() for f in futures)
 
 
 def launch(driver: str, ds: Path, config: str, sets: list[str], log: Path, extra: list[str] = ()):
@@ -152,8 +140,8 @@ def run_figures(run_dir: Path) -> dict:
             "padding": mean("perf/padding"), "losses": {r["step"]: r["loss"] for r in rows}}
 
 
-def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None) -> tuple[list[dict], Path | None]:
-    """Step 2: -> report rows and the fp16 run's checkpoint folder."""
+def pretrain_calls(shards: list[Path], work: Path, s: dict, tokenizer: str | None) -> dict:
+    """Step 2: the pretraining runs, name -> a call that runs it and returns (ok, seconds, last line)."""
     base = s["model"] + s["data"] + [
         f"data.train_shards=[{','.join(str(p) for p in shards)}]", "data.val_shards=null",
         f"train.max_steps={s['steps']}",
@@ -164,11 +152,17 @@ def pretrain_rows(shards: list[Path], work: Path, s: dict, tokenizer: str | None
             "fp16, overlap_comm on": ds_copy("zero2.json", s["micro"], work, overlap_comm=True)}
     if torch.cuda.is_available():  # cuDNN may differ run to run on a GPU: a second off run tells overlap's share
         runs["fp16 again (control)"] = runs["fp16 (zero2.json)"]
+    return {name: lambda i=i, ds=ds: launch("pretrain", ds, "configs/pretrain_coco_vg.yaml",
+                                            base + [f"train.output_dir={work / f'pretrain{i}'}"],
+                                            work / f"pretrain{i}.log")
+            for i, (name, ds) in enumerate(runs.items())}
+
+
+def pretrain_rows(results: dict, work: Path) -> tuple[list[dict], Path | None]:
+    """The pretraining runs' results (name -> (ok, seconds, last line)) -> report rows and the first
+    successful run's checkpoint folder."""
     rows, figures, checkpoint = [], {}, None
-    calls = [lambda i=i, ds=ds: launch("pretrain", ds, "configs/pretrain_coco_vg.yaml",
-                                       base + [f"train.output_dir={work / f'pretrain{i}'}"], work / f"pretrain{i}.log")
-             for i, ds in enumerate(runs.values())]
-    for i, (name, (ok, seconds, last)) in enumerate(zip(runs, in_order(calls, s["jobs"]))):
+    for i, (name, (ok, seconds, last)) in enumerate(results.items()):
         out = work / f"pretrain{i}"
         if not ok:
             rows.append({"check": f"pretrain {name}", "result": "failed", "detail": f"{seconds:.0f} s; {last}"})
@@ -329,12 +323,23 @@ def main() -> None:
                              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
                              "(DeepSpeed's op builder rejects 9.0a)"], out)
 
-    pretrained, checkpoint = pretrain_rows(shards, work, s, tokenizer)
+    # Calls start in the order submitted, `jobs` at a time: one on a GPU, so that each figure times the
+    # GPU alone and a run stopped at a time limit has finished the earlier stages; two in tiny mode, where
+    # the figures time nothing and each stage is mostly start-up, and the benchmarks, which need no
+    # checkpoint, fill the slot the last pretraining run leaves. The report keeps the stage order.
+    pool = ThreadPoolExecutor(s["jobs"])
+    pretraining = {name: pool.submit(call) for name, call in pretrain_calls(shards, work, s, tokenizer).items()}
+    benches = ([pool.submit(call) for call in bench_calls(shards[-1], out, work, s["bench"], tokenizer)]
+               if s["jobs"] > 1 else [])
+    pretrained, checkpoint = pretrain_rows({name: f.result() for name, f in pretraining.items()}, work)
     md = report(pretrained)
     calls = [] if checkpoint is None else (finetune_calls(work / "downstream", checkpoint, work, s, tokenizer, tiny)
                                            + inference_calls(work / "downstream", checkpoint, work))
-    for row in in_order(calls + bench_calls(shards[-1], out, work, s["bench"], tokenizer), s["jobs"]):
-        md = report([row])
+    later = [pool.submit(call) for call in calls]
+    benches = benches or [pool.submit(call) for call in bench_calls(shards[-1], out, work, s["bench"], tokenizer)]
+    for future in later + benches:
+        md = report([future.result()])
+    pool.shutdown()
     failed = [r["check"] for r in rows if r["result"] in ("failed", "DIFFERENT")]
     print(md)
     if tmp is not None:

@@ -168,7 +168,7 @@ FINETUNE_FROM_SCRATCH = ["model.backbone=resnet18", "model.hidden_size=64", "mod
 
 @pytest.fixture(scope="session")
 def classifier_runs(downstream, tmp_path_factory, world_of_one):
-    """The NLVR2 and SNLI-VE drivers from random initialisation with the tiny model, 60 steps, each run
+    """The NLVR2 and SNLI-VE drivers from random initialisation with the tiny model, 50 steps, each run
     once for every test that needs it (its learning: test_finetune.py; load_model's agreement with it:
     test_inference.py). task -> {"metrics", "run"}."""
     from launching import finetune_in_process
@@ -178,7 +178,7 @@ def classifier_runs(downstream, tmp_path_factory, world_of_one):
     def run(task: str) -> dict:
         if task not in runs:
             out = tmp_path_factory.mktemp(task)
-            metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, out, 60,
+            metrics = finetune_in_process(task, f"finetune_{task}_synthetic.yaml", downstream, out, 50,
                                           FINETUNE_FROM_SCRATCH)
             runs[task] = {"metrics": metrics, "run": out / "run"}
         return runs[task]

@@ -8,6 +8,7 @@ model. Uses DeepSpeed's own zero_to_fp32 utility (with its progress bars). For a
 see tools/export.py.
 """
 import argparse
+import gc
 import logging
 
 from soho_ds.config import one_line_errors
@@ -30,6 +31,7 @@ def main() -> None:
     state = torch.load(out, weights_only=True)
     logging.info("wrote %d tensors (%.1fM values) to %s, and its run config to %s", len(state),
                  sum(v.numel() for v in state.values()) / 1e6, out, out.with_suffix(".yaml"))
+    gc.freeze()  # the exit then skips a collection over torch's millions of objects (~1.3 s on 2 cores)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ included; ZeRO shards consolidated with DeepSpeed's own zero_to_fp32), the token
 for VQA, answer_vocab.json. Nothing in it refers back to the training machine.
 """
 import argparse
+import gc
 import logging
 
 from soho_ds.config import one_line_errors
@@ -24,6 +25,7 @@ def main() -> None:
     with one_line_errors():
         out = write_export(a.checkpoint, a.out, a.overwrite)
     logging.info("exported %s -> %s (%s)", a.checkpoint, out, ", ".join(sorted(p.name for p in out.iterdir())))
+    gc.freeze()  # the exit then skips a collection over torch's millions of objects (~1.3 s on 2 cores)
 
 
 if __name__ == "__main__":
